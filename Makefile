@@ -1,0 +1,31 @@
+# Set-up and everyday commands. `make train` and `make test` do all set-up on
+# a fresh machine with Python >= 3.10: they create .venv and install the
+# project into it.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FLAGS ?= configs/cifar10.flags
+ARGS ?=
+
+.PHONY: install train smoke test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+train: install
+	$(PY) scripts/train_loop.py --flagfile=$(FLAGS) $(ARGS)
+
+smoke: install
+	$(PY) scripts/train_loop.py --flagfile=configs/smoke.flags $(ARGS)
+
+test: install
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

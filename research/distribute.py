@@ -1,0 +1,117 @@
+"""Choosing and creating the ``tf.distribute`` strategy.
+
+``configure_devices`` must run before TensorFlow initializes its devices (the
+first op or device query), because logical CPU devices can only be declared
+then. ``create_strategy`` is then called before any other TensorFlow op.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+
+from research.errors import UserError
+from research.options import STRATEGIES
+
+
+def configure_devices(*, cpu_replicas: int = 0) -> None:
+  """Splits the CPU into ``cpu_replicas`` logical devices.
+
+  This lets multi-replica code (``MirroredStrategy``) run on a machine with no
+  GPU: each logical device is one replica.
+
+  Args:
+    cpu_replicas: Number of logical CPU devices; 0 or 1 leaves the CPU as is.
+
+  Raises:
+    ValueError: if ``cpu_replicas`` < 0.
+    UserError: if TensorFlow already initialized its devices.
+  """
+  if cpu_replicas < 0:
+    raise ValueError(f"cpu_replicas must be >= 0, got {cpu_replicas}")
+  if cpu_replicas <= 1:
+    return
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  try:
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)
+  except RuntimeError as e:
+    raise UserError(f"cannot split the CPU into {cpu_replicas} devices after "
+                    f"TensorFlow initialized ({e})") from None
+
+
+def create_strategy(name: str = "auto", *, num_gpus: int | None = None,
+                    cpu_replicas: int = 0, tpu: str = ""
+                    ) -> tf.distribute.Strategy:
+  """Creates a distribution strategy.
+
+  Args:
+    name: One of ``STRATEGIES``. ``auto``: ``MirroredStrategy`` over all
+      visible GPUs when there are two or more (or over the logical CPUs when
+      ``cpu_replicas`` > 1), ``OneDeviceStrategy`` on the one GPU or the CPU
+      otherwise.
+    num_gpus: Use at most this many GPUs (None: all visible).
+    cpu_replicas: Logical CPU devices made by ``configure_devices``; with no
+      GPUs, ``mirrored`` and ``auto`` mirror over them.
+    tpu: TPU name or address for the ``tpu`` strategy.
+
+  Returns:
+    The strategy.
+
+  Raises:
+    UserError: for an unknown name, or a strategy this machine cannot run.
+  """
+  if name not in STRATEGIES:
+    raise UserError(f"unknown strategy {name!r}; choose one of "
+                    f"{', '.join(STRATEGIES)}")
+  gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+  if num_gpus is not None:
+    gpus = gpus[:num_gpus]
+  cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+  if cpu_replicas > 1 and not gpus:
+    replica_devices = cpus[:cpu_replicas]
+  else:
+    replica_devices = gpus
+
+  if name == "multi_worker_mirrored":
+    raise UserError("--strategy=multi_worker_mirrored is not supported yet")
+  if name == "tpu":
+    raise UserError("--strategy=tpu is not supported yet")
+  if name == "one_device":
+    return tf.distribute.OneDeviceStrategy(gpus[0] if gpus else cpus[0])
+  if name == "mirrored":
+    return tf.distribute.MirroredStrategy(replica_devices or cpus[:1])
+  # auto
+  if len(replica_devices) >= 2:
+    return tf.distribute.MirroredStrategy(replica_devices)
+  return tf.distribute.OneDeviceStrategy(gpus[0] if gpus else cpus[0])
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+  """Whether this process writes the run's outputs (summaries, checkpoints).
+
+  True for single-process strategies; under multi-worker, true only for the
+  chief (or worker 0 when the cluster has no chief).
+  """
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or not resolver.cluster_spec().as_dict():
+    return True
+  task_type, task_id = resolver.task_type, resolver.task_id
+  if task_type == "chief":
+    return True
+  has_chief = "chief" in resolver.cluster_spec().as_dict()
+  return task_type == "worker" and task_id == 0 and not has_chief
+
+
+def describe(strategy: tf.distribute.Strategy) -> str:
+  """A one-line description, e.g. ``MirroredStrategy x2 (/cpu:0, /cpu:1)``."""
+  devices = getattr(strategy.extended, "worker_devices", ())
+  config = os.environ.get("TF_CONFIG")
+  where = ""
+  if config:
+    task = json.loads(config).get("task", {})
+    where = f" task={task.get('type')}:{task.get('index')}"
+  return (f"{type(strategy).__name__} x{strategy.num_replicas_in_sync} "
+          f"({', '.join(devices)}){where}")

@@ -1,0 +1,9 @@
+"""The error type for problems a user caused and can fix."""
+
+
+class UserError(Exception):
+  """A mistake in the user's input (flags, data, directories).
+
+  Scripts catch it and print its message as one line, without a traceback, and
+  exit non-zero. The message says what was wrong and how to fix it.
+  """

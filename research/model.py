@@ -1,0 +1,145 @@
+"""The CIFAR-10 ConvNet of the seed document, in two equivalent forms.
+
+``ConvNet`` is the subclassed model the training loop uses. ``build_sequential``
+builds the seed's own ``tf.keras.Sequential`` form with the same layers in the
+same order (plus the ``Flatten`` the seed forgot), so ``model.fit`` can be run
+on the very same weights (see ``copy_weights``).
+
+Both return logits; pair them with ``from_logits=True`` losses.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+IMAGE_SHAPE = (32, 32, 3)
+NUM_CLASSES = 10
+
+
+def _layer_stack(num_classes: int, l2: float) -> list[tf.keras.layers.Layer]:
+  """The seed's layers, in order, shared by both model forms."""
+  reg = tf.keras.regularizers.L2(l2) if l2 else None
+
+  def conv(filters, name):
+    return tf.keras.layers.Conv2D(
+        filters, (3, 3), activation="relu", kernel_regularizer=reg, name=name)
+
+  def dense(units, activation, name):
+    return tf.keras.layers.Dense(
+        units, activation=activation, kernel_regularizer=reg, name=name)
+
+  return [
+      conv(32, "conv1"),
+      tf.keras.layers.MaxPooling2D((2, 2), name="pool1"),
+      conv(64, "conv2"),
+      tf.keras.layers.MaxPooling2D((2, 2), name="pool2"),
+      conv(64, "conv3"),
+      # The seed omits this; without it the Dense layers would act on every
+      # position of the 4x4x64 map instead of on one feature vector.
+      tf.keras.layers.Flatten(name="flatten"),
+      dense(64, "relu", "dense1"),
+      # Logits: softmax lives in the loss (from_logits=True), which is
+      # numerically safer and what mixed precision needs.
+      dense(num_classes, None, "logits"),
+  ]
+
+
+class ConvNet(tf.keras.Model):
+  """Conv32-Pool-Conv64-Pool-Conv64-Flatten-Dense64-Dense(num_classes).
+
+  For 32x32x3 inputs and 10 classes it has 122,570 parameters.
+  """
+
+  def __init__(self, *, num_classes: int = NUM_CLASSES, l2: float = 0.0,
+               name: str = "convnet"):
+    """Creates the layers.
+
+    Args:
+      num_classes: Number of output logits; must be >= 2.
+      l2: Kernel L2 regularization factor for every conv and dense layer; 0
+        disables it. The penalties appear in ``model.losses``.
+      name: Keras model name.
+
+    Raises:
+      ValueError: if ``num_classes`` < 2 or ``l2`` < 0.
+    """
+    if num_classes < 2:
+      raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if l2 < 0:
+      raise ValueError(f"l2 must be >= 0, got {l2}")
+    super().__init__(name=name)
+    self.num_classes = num_classes
+    layers = _layer_stack(num_classes, l2)
+    # One attribute per layer (not a list): TensorFlow's checkpoint graph
+    # follows attributes, so the weights save under model/conv1/... and a
+    # model can be restored on its own, without its optimizer.
+    for layer in layers:
+      setattr(self, layer.name, layer)
+    self._layer_names = tuple(layer.name for layer in layers)
+
+  @property
+  def stack(self) -> list[tf.keras.layers.Layer]:
+    """The layers, input to output."""
+    return [getattr(self, name) for name in self._layer_names]
+
+  def call(self, images, training=False):
+    x = images
+    for layer in self.stack:
+      x = layer(x, training=training)
+    return x
+
+
+def build_sequential(*, num_classes: int = NUM_CLASSES, l2: float = 0.0,
+                     input_shape=IMAGE_SHAPE) -> tf.keras.Sequential:
+  """Builds the seed's ``Sequential`` form of ``ConvNet`` (for ``model.fit``).
+
+  Args:
+    num_classes: Number of output logits.
+    l2: Kernel L2 regularization factor, as in ``ConvNet``.
+    input_shape: Shape of one image.
+
+  Returns:
+    A built ``tf.keras.Sequential`` whose weights line up one-to-one with a
+    built ``ConvNet``'s.
+  """
+  model = tf.keras.Sequential(
+      [tf.keras.Input(shape=input_shape)] + _layer_stack(num_classes, l2),
+      name="seed_sequential")
+  return model
+
+
+def build(model: tf.keras.Model, input_shape=IMAGE_SHAPE) -> tf.keras.Model:
+  """Creates a model's variables by calling it once on a zero batch.
+
+  Args:
+    model: The model to build.
+    input_shape: Shape of one image.
+
+  Returns:
+    The same model, built.
+  """
+  model(tf.zeros((1,) + tuple(input_shape)), training=False)
+  return model
+
+
+def copy_weights(source: tf.keras.Model, target: tf.keras.Model) -> None:
+  """Copies every weight of ``source`` into ``target`` (either form).
+
+  Args:
+    source: A built ``ConvNet`` or seed ``Sequential``.
+    target: A built model of the other (or the same) form.
+
+  Raises:
+    ValueError: if the two models' weights differ in count or shape.
+  """
+  src, dst = source.weights, target.weights
+  if len(src) != len(dst):
+    raise ValueError(
+        f"cannot copy weights: source has {len(src)} weights, target has "
+        f"{len(dst)}")
+  for s, d in zip(src, dst):
+    if tuple(s.shape) != tuple(d.shape):
+      raise ValueError(
+          f"cannot copy weights: {s.path} has shape {tuple(s.shape)} but "
+          f"{d.path} has shape {tuple(d.shape)}")
+    d.assign(s)

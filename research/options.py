@@ -1,0 +1,8 @@
+"""Names of the choices the library accepts.
+
+Importable without TensorFlow, so scripts can define and validate their flags
+(and report a bad one) before TensorFlow loads.
+"""
+
+DATASETS = ("cifar10", "folder", "synthetic")
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")

@@ -1,0 +1,173 @@
+"""The replica train and eval steps, and the ``tf.function``s that run them.
+
+This is the heart of the custom loop, written the way the TensorFlow tutorial
+"Custom training with tf.distribute.Strategy" does it:
+
+- the per-example loss (``reduction=None``) is averaged over the *global*
+  batch with ``tf.nn.compute_average_loss``, and ``model.losses`` are added with
+  ``tf.nn.scale_regularization_loss``, so that summing gradients over replicas
+  (what ``apply_gradients`` does under a strategy) gives the gradient of the
+  global mean loss;
+- one ``tf.function`` call runs ``num_steps`` steps in a ``tf.range`` loop over
+  a tensor count, so it is traced once and Python overhead is paid per call,
+  not per step.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+_SUM = tf.distribute.ReduceOp.SUM
+
+
+class StepRunner:
+  """Runs training and evaluation steps of a model under a strategy.
+
+  Create it (and the model and optimizer it gets) under ``strategy.scope()``.
+  """
+
+  def __init__(self, *, strategy: tf.distribute.Strategy,
+               model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimizer,
+               global_batch_size: int, keep_short_batch: bool = False,
+               jit_compile: bool = False):
+    """Builds the step functions (they trace on first call).
+
+    Args:
+      strategy: The distribution strategy.
+      model: A built model returning logits.
+      optimizer: An optimizer already built on ``model.trainable_variables``.
+      global_batch_size: Examples per step over all replicas.
+      keep_short_batch: Training batches may be short (an epoch's last). Then
+        each step divides by the number of examples actually in it, summed
+        over replicas, which is what ``model.fit`` on one device does; with
+        full batches the constant ``global_batch_size`` is used.
+      jit_compile: Compile the replica steps with XLA.
+
+    Raises:
+      ValueError: if ``global_batch_size`` is not positive or not divisible by
+        the number of replicas.
+    """
+    replicas = strategy.num_replicas_in_sync
+    if global_batch_size <= 0 or global_batch_size % replicas:
+      raise ValueError(
+          f"global_batch_size must be a positive multiple of the "
+          f"{replicas} replicas, got {global_batch_size}")
+    self.strategy = strategy
+    self.model = model
+    self.optimizer = optimizer
+    self.global_batch_size = global_batch_size
+    self.keep_short_batch = keep_short_batch
+    self.loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction=None)
+    self._replica_train = tf.function(self._replica_train_step,
+                                      jit_compile=jit_compile)
+    self._replica_eval = tf.function(self._replica_eval_step,
+                                     jit_compile=jit_compile)
+    self.train_steps = tf.function(self._train_steps)
+    self.eval_steps = tf.function(self._eval_steps)
+
+  # Replica context -------------------------------------------------------
+
+  def _step_batch_size(self, labels):
+    if not self.keep_short_batch:
+      return self.global_batch_size
+    # A short batch: divide by the examples really in this step, over all
+    # replicas, so the loss is the true mean of the step's examples.
+    local = tf.shape(labels)[0]
+    return tf.distribute.get_replica_context().all_reduce(_SUM, local)
+
+  def _regularization(self):
+    if not self.model.losses:
+      return 0.0
+    return tf.add_n([tf.cast(l, tf.float32) for l in self.model.losses])
+
+  def _replica_train_step(self, images, labels):
+    variables = self.model.trainable_variables
+    with tf.GradientTape() as tape:
+      logits = tf.cast(self.model(images, training=True), tf.float32)
+      per_example = self.loss_fn(labels, logits)
+      loss = tf.nn.compute_average_loss(
+          per_example, global_batch_size=self._step_batch_size(labels))
+      if self.model.losses:
+        loss += tf.nn.scale_regularization_loss(self._regularization())
+    gradients = tape.gradient(loss, variables)
+    self.optimizer.apply_gradients(zip(gradients, variables))
+    return loss, _num_correct(logits, labels), tf.size(labels, tf.int64)
+
+  def _replica_eval_step(self, images, labels):
+    logits = tf.cast(self.model(images, training=False), tf.float32)
+    loss_sum = tf.reduce_sum(self.loss_fn(labels, logits))
+    return loss_sum, _num_correct(logits, labels), tf.size(labels, tf.int64)
+
+  # Cross-replica context -------------------------------------------------
+
+  def _train_steps(self, iterator, num_steps):
+    """Runs ``num_steps`` training steps.
+
+    Returns:
+      A dict: ``step_losses`` float32 ``[num_steps]`` (each step's global mean
+      loss including regularization, as minimized), ``correct`` and ``count``
+      int64 (over all the steps' examples, before each update).
+    """
+    losses = tf.TensorArray(tf.float32, size=num_steps)
+    correct = tf.constant(0, tf.int64)
+    count = tf.constant(0, tf.int64)
+    for i in tf.range(num_steps):
+      loss, c, n = self.strategy.run(self._replica_train,
+                                     args=next(iterator))
+      losses = losses.write(i, self.strategy.reduce(_SUM, loss, axis=None))
+      correct += self.strategy.reduce(_SUM, c, axis=None)
+      count += self.strategy.reduce(_SUM, n, axis=None)
+    return {"step_losses": losses.stack(), "correct": correct, "count": count}
+
+  def _eval_steps(self, iterator, num_steps):
+    """Runs ``num_steps`` evaluation steps.
+
+    Returns:
+      A dict of float64 ``loss_sum`` and int64 ``correct`` and ``count``,
+      summed over all replicas and steps.
+    """
+    loss_sum = tf.constant(0.0, tf.float64)
+    correct = tf.constant(0, tf.int64)
+    count = tf.constant(0, tf.int64)
+    for _ in tf.range(num_steps):
+      l, c, n = self.strategy.run(self._replica_eval, args=next(iterator))
+      loss_sum += tf.cast(self.strategy.reduce(_SUM, l, axis=None), tf.float64)
+      correct += self.strategy.reduce(_SUM, c, axis=None)
+      count += self.strategy.reduce(_SUM, n, axis=None)
+    return {"loss_sum": loss_sum, "correct": correct, "count": count}
+
+  def evaluate(self, dist_dataset, num_steps: int, steps_per_call: int = 100
+               ) -> dict:
+    """Evaluates over a distributed dataset of exactly ``num_steps`` steps.
+
+    Args:
+      dist_dataset: A distributed eval dataset (every example once).
+      num_steps: Its number of steps.
+      steps_per_call: Steps per ``tf.function`` call.
+
+    Returns:
+      ``{"loss", "accuracy", "correct", "count"}``: loss is the mean
+      per-example loss plus the regularization penalty (as
+      ``model.evaluate`` reports it); accuracy is correct / count.
+    """
+    iterator = iter(dist_dataset)
+    loss_sum, correct, count = 0.0, 0, 0
+    done = 0
+    while done < num_steps:
+      n = min(steps_per_call, num_steps - done)
+      out = self.eval_steps(iterator, tf.constant(n))
+      loss_sum += float(out["loss_sum"])
+      correct += int(out["correct"])
+      count += int(out["count"])
+      done += n
+    regularization = float(self._regularization())
+    return {"loss": loss_sum / max(count, 1) + regularization,
+            "accuracy": correct / max(count, 1),
+            "correct": correct, "count": count}
+
+
+def _num_correct(logits, labels):
+  predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
+  return tf.reduce_sum(tf.cast(tf.equal(predicted, tf.cast(labels, tf.int32)),
+                               tf.int64))

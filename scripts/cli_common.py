@@ -1,0 +1,160 @@
+"""What the entry-point scripts share: flag parsing, validation, error exits.
+
+This is the only place, with the scripts themselves, that reads absl flags;
+the ``research`` library takes plain arguments.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+
+from absl import flags
+
+from research.errors import UserError
+
+
+def exit_with_error(message: str, status: int = 2) -> None:
+  """Prints ``error: <message>`` as one line on stderr and exits."""
+  one_line = " ".join(str(message).split())
+  sys.stderr.write(f"error: {one_line}\n")
+  sys.stderr.flush()
+  sys.exit(status)
+
+
+def parse_flags_or_exit(argv: list[str]) -> list[str]:
+  """``app.run``'s flags parser: one error line instead of absl's two."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    exit_with_error(f"{e} (see --helpfull)")
+
+
+def _nearest_existing(path: str) -> str:
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    parent = os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  return path
+
+
+def check_writable_dir(path: str) -> bool:
+  """Whether ``path`` is, or could be created as, a writable folder."""
+  if os.path.exists(path):
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+  existing = _nearest_existing(path)
+  return os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)
+
+
+def register_validators(fv: flags.FlagValues) -> None:
+  """Validators of the training flags, checked before anything runs."""
+  flags.register_validator(
+      "epochs", lambda v: v is not None and v >= 1,
+      message="--epochs must be a positive number of epochs",
+      flag_values=fv)
+  flags.register_validator(
+      "batch_size", lambda v: v is not None and v >= 1,
+      message="--batch_size must be a positive global batch size",
+      flag_values=fv)
+  flags.register_validator(
+      "learning_rate", lambda v: v is not None and v > 0,
+      message="--learning_rate must be > 0", flag_values=fv)
+
+  def data_dir_ok(values):
+    dataset, data_dir = values["dataset"], values["data_dir"]
+    if dataset == "folder" and not data_dir:
+      raise flags.ValidationError(
+          "--dataset=folder needs --data_dir=<folder with train/ and test/>")
+    if data_dir and dataset != "synthetic" and not os.path.exists(data_dir):
+      raise flags.ValidationError(
+          f"--data_dir={data_dir} does not exist; pass the folder that holds "
+          f"the data")
+    return True
+
+  flags.register_multi_flags_validator(["dataset", "data_dir"], data_dir_ok,
+                                      flag_values=fv)
+
+  def model_dir_ok(value):
+    if value and not check_writable_dir(value):
+      raise flags.ValidationError(
+          f"--model_dir={value} is not a writable folder; pick a folder you "
+          f"can write to")
+    return True
+
+  flags.register_validator("model_dir", model_dir_ok, flag_values=fv)
+
+
+def resolve_model_dir(fv: flags.FlagValues) -> str:
+  """``--model_dir``, or ``logs/<run_name>``; created if missing.
+
+  Raises:
+    UserError: if it cannot be created.
+  """
+  model_dir = fv.model_dir
+  if not model_dir:
+    run_name = fv.run_name or (
+        f"{fv.dataset}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    model_dir = os.path.join("logs", run_name)
+  try:
+    os.makedirs(model_dir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create --model_dir={model_dir} ({e.strerror}); "
+                    f"pick a folder you can write to") from None
+  return model_dir
+
+
+def resolve_jit_compile(value: str, strategy) -> bool:
+  """``auto`` means XLA on for a single GPU and off otherwise, like Keras."""
+  if value == "auto":
+    import tensorflow as tf
+    return (strategy.num_replicas_in_sync == 1 and
+            bool(tf.config.list_logical_devices("GPU")))
+  return value == "true"
+
+
+def global_batch_size_from_flags(fv: flags.FlagValues, replicas: int) -> int:
+  """``--per_replica_batch_size`` x replicas when set, else ``--batch_size``.
+
+  Raises:
+    UserError: if ``--batch_size`` does not divide over the replicas.
+  """
+  if fv.per_replica_batch_size:
+    return fv.per_replica_batch_size * replicas
+  if fv.batch_size % replicas:
+    raise UserError(
+        f"--batch_size={fv.batch_size} does not divide over the {replicas} "
+        f"replicas; use a multiple of {replicas} or --per_replica_batch_size")
+  return fv.batch_size
+
+
+def train_config_from_flags(fv: flags.FlagValues, *, model_dir: str, strategy):
+  """Turns the training flags into a ``TrainConfig``.
+
+  Raises:
+    UserError: if the global batch does not divide over the replicas.
+  """
+  from research.loop import TrainConfig
+  replicas = strategy.num_replicas_in_sync
+  global_batch_size = global_batch_size_from_flags(fv, replicas)
+  return TrainConfig(
+      model_dir=model_dir, epochs=fv.epochs,
+      global_batch_size=global_batch_size,
+      learning_rate=fv.learning_rate, seed=fv.seed,
+      steps_per_loop=fv.steps_per_loop, eval_every_steps=fv.eval_every_steps,
+      checkpoint_every_steps=fv.checkpoint_every_steps,
+      keep_checkpoints=fv.keep_checkpoints, augment=fv.augment,
+      keep_short_batch=fv.keep_short_batch,
+      jit_compile=resolve_jit_compile(fv.jit_compile, strategy), l2=fv.l2)
+
+
+def write_flags_json(fv: flags.FlagValues, model_dir: str) -> None:
+  """Writes every flag's value to ``<model_dir>/flags.json`` (atomically)."""
+  path = os.path.join(model_dir, "flags.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(fv.flag_values_dict(), f, indent=2, sort_keys=True, default=str)
+    f.write("\n")
+  os.replace(path + ".tmp", path)

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Trains the CIFAR-10 ConvNet with the custom tf.distribute loop.
+
+  python scripts/train_loop.py --flagfile=configs/cifar10.flags [--flag=value ...]
+
+Flags given after the flagfile override it. Re-running with the same
+--model_dir resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Quiet TensorFlow's C++ start-up chatter; must precede the import.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+
+import cli_common as cli  # noqa: E402  (scripts/cli_common.py)
+from research import options  # noqa: E402
+from research.errors import UserError  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+  """Defines this script's flags and their validators on ``fv``."""
+  flags.DEFINE_enum("dataset", "cifar10", options.DATASETS,
+                    "Data source.", flag_values=fv)
+  flags.DEFINE_string("data_dir", None,
+                      "cifar10: cifar-10-batches-py/ or its parent (default: "
+                      "Keras' download cache); folder: the folder holding "
+                      "train/<class>/ and test/<class>/.", flag_values=fv)
+  flags.DEFINE_integer("synthetic_train_size", 1024,
+                       "synthetic: training examples.", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("synthetic_test_size", 256,
+                       "synthetic: test examples.", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_string("model_dir", None,
+                      "Run directory for event files, checkpoints and "
+                      "metrics.json (default: logs/<run_name>).",
+                      flag_values=fv)
+  flags.DEFINE_string("run_name", None,
+                      "Run name for the default model_dir (default: "
+                      "<dataset>-<date>-<time>).", flag_values=fv)
+  flags.DEFINE_integer("epochs", 10, "Training epochs.", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 32,
+                       "Global batch size (over all replicas).",
+                       flag_values=fv)
+  flags.DEFINE_integer("per_replica_batch_size", 0,
+                       "If > 0, the global batch is this times the number of "
+                       "replicas (overrides --batch_size).", lower_bound=0,
+                       flag_values=fv)
+  flags.DEFINE_float("learning_rate", 0.001, "Adam learning rate.",
+                     flag_values=fv)
+  flags.DEFINE_float("l2", 0.0, "Kernel L2 regularization factor.",
+                     lower_bound=0.0, flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of initialization, data order and "
+                       "augmentation.", flag_values=fv)
+  flags.DEFINE_integer("steps_per_loop", 100,
+                       "Training steps per tf.function call.", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("eval_every_steps", 0,
+                       "Also evaluate every N steps (0: after each epoch "
+                       "only).", lower_bound=0, flag_values=fv)
+  flags.DEFINE_integer("checkpoint_every_steps", 1000,
+                       "Save a checkpoint every N steps (0: at the end only).",
+                       lower_bound=0, flag_values=fv)
+  flags.DEFINE_integer("keep_checkpoints", 3, "Newest checkpoints to keep.",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_bool("augment", False,
+                    "Random crop (4-pixel padding) and horizontal flip.",
+                    flag_values=fv)
+  flags.DEFINE_bool("keep_short_batch", False,
+                    "Keep each epoch's last short training batch.",
+                    flag_values=fv)
+  flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
+                    "XLA for the steps; auto: on for a single GPU, off "
+                    "otherwise (as Keras does).", flag_values=fv)
+  flags.DEFINE_enum("strategy", "auto", options.STRATEGIES,
+                    "Distribution strategy.", flag_values=fv)
+  flags.DEFINE_integer("num_gpus", None, "Use at most this many GPUs.",
+                       lower_bound=0, flag_values=fv)
+  flags.DEFINE_integer("cpu_replicas", 0,
+                       "Split the CPU into N logical devices and mirror over "
+                       "them (for multi-replica runs without GPUs).",
+                       lower_bound=0, flag_values=fv)
+  flags.DEFINE_string("tpu", "", "TPU name or address (--strategy=tpu).",
+                      flag_values=fv)
+  cli.register_validators(fv)
+
+
+def main(argv):
+  del argv
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # absl's INFO is TF's noise.
+  # TensorFlow loads only now, after the flags were validated, so a bad flag
+  # is reported without its start-up chatter.
+  from research import data as data_lib
+  from research import distribute
+  try:
+    model_dir = cli.resolve_model_dir(FLAGS)
+    distribute.configure_devices(cpu_replicas=FLAGS.cpu_replicas)
+    strategy = distribute.create_strategy(
+        FLAGS.strategy, num_gpus=FLAGS.num_gpus,
+        cpu_replicas=FLAGS.cpu_replicas, tpu=FLAGS.tpu)
+    config = cli.train_config_from_flags(FLAGS, model_dir=model_dir,
+                                         strategy=strategy)
+    print(f"strategy: {distribute.describe(strategy)}", flush=True)
+    print(f"model_dir: {model_dir}", flush=True)
+    data = data_lib.load_data(
+        FLAGS.dataset, data_dir=FLAGS.data_dir, seed=FLAGS.seed,
+        synthetic_train_size=FLAGS.synthetic_train_size,
+        synthetic_test_size=FLAGS.synthetic_test_size)
+    if distribute.is_chief(strategy):
+      cli.write_flags_json(FLAGS, model_dir)
+    from research import loop  # Imported late: it pulls in Keras.
+    metrics = loop.train(config, strategy=strategy, data=data,
+                         log=lambda line: print(line, flush=True))
+  except UserError as e:
+    cli.exit_with_error(str(e))
+  print(f"done: eval accuracy {metrics['eval_accuracy']:.4f} "
+        f"loss {metrics['eval_loss']:.4f} at step {metrics['global_step']} "
+        f"in {metrics['wall_seconds']:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

@@ -1,0 +1,148 @@
+"""End-to-end tests of scripts/train_loop.py, run as users run it."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import read_scalars, run_script
+from research import data as data_lib
+from research import model as model_lib
+
+SMOKE = "--flagfile=configs/smoke.flags"
+# configs/smoke.flags: 512 examples, batch 32 -> 16 steps/epoch, 3 epochs,
+# 8 steps per loop, checkpoints every 16 steps.
+TRAIN_STEPS = [8, 16, 24, 32, 40, 48]
+EVAL_STEPS = [16, 32, 48]
+
+
+def _metrics(model_dir):
+  with open(os.path.join(model_dir, "metrics.json")) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  model_dir = str(tmp_path_factory.mktemp("smoke"))
+  proc = run_script("train_loop.py", SMOKE, f"--model_dir={model_dir}",
+                    check=True)
+  return model_dir, proc
+
+
+def test_smoke_run_writes_events_checkpoint_and_metrics(smoke_run):
+  model_dir, proc = smoke_run
+  train = read_scalars(os.path.join(model_dir, "train"))
+  assert set(train) == {"loss", "accuracy", "learning_rate",
+                        "examples_per_second"}
+  for tag, points in train.items():
+    assert [s for s, _ in points] == TRAIN_STEPS, tag
+  assert all(v == pytest.approx(0.001) for _, v in train["learning_rate"])
+  assert train["loss"][-1][1] < train["loss"][0][1]
+  evals = read_scalars(os.path.join(model_dir, "eval"))
+  assert set(evals) == {"loss", "accuracy"}
+  assert [s for s, _ in evals["accuracy"]] == EVAL_STEPS
+
+  assert tf.train.latest_checkpoint(
+      os.path.join(model_dir, "checkpoints")).endswith("ckpt-48")
+  metrics = _metrics(model_dir)
+  assert metrics["global_step"] == 48 and metrics["epochs"] == 3
+  assert metrics["eval_count"] == 128
+  assert metrics["eval_accuracy"] == metrics["eval_correct"] / 128
+  assert metrics["eval_accuracy"] == pytest.approx(evals["accuracy"][-1][1])
+  assert metrics["wall_seconds"] > 0
+  assert metrics["train_examples_per_second"] > 0
+  with open(os.path.join(model_dir, "flags.json")) as f:
+    flag_values = json.load(f)
+  assert flag_values["batch_size"] == 32
+  assert flag_values["dataset"] == "synthetic"
+  assert "train step 48/48" in proc.stdout and "eval  step 48/48" in proc.stdout
+  assert "ETA" in proc.stdout
+
+
+def test_flags_after_the_flagfile_override_it(tmp_path):
+  model_dir = str(tmp_path / "run")
+  run_script("train_loop.py", SMOKE, "--epochs=1", "--steps_per_loop=16",
+             f"--model_dir={model_dir}", check=True)
+  metrics = _metrics(model_dir)
+  assert metrics["global_step"] == 16 and metrics["epochs"] == 1
+
+
+def test_resume_trains_only_what_is_left(tmp_path, smoke_run):
+  model_dir = str(tmp_path / "resumed")
+  # A run that stops after its first epoch (16 steps) ...
+  run_script("train_loop.py", SMOKE, "--epochs=1", f"--model_dir={model_dir}",
+             check=True)
+  assert _metrics(model_dir)["global_step"] == 16
+  # ... then the same run with its full length resumes and finishes.
+  proc = run_script("train_loop.py", SMOKE, f"--model_dir={model_dir}",
+                    check=True)
+  assert "at step 16/48" in proc.stdout
+  assert "train step 8/48" not in proc.stdout
+  assert _metrics(model_dir)["global_step"] == _metrics(smoke_run[0])[
+      "global_step"] == 48
+  train = read_scalars(os.path.join(model_dir, "train"))
+  assert [s for s, _ in train["loss"]] == TRAIN_STEPS  # each step once
+  # Running a finished run again changes nothing and records nothing twice.
+  run_script("train_loop.py", SMOKE, f"--model_dir={model_dir}", check=True)
+  evals = read_scalars(os.path.join(model_dir, "eval"))
+  assert [s for s, _ in evals["accuracy"]] == EVAL_STEPS
+
+
+def test_two_cpu_replicas_report_correct_eval_accuracy(tmp_path):
+  model_dir = str(tmp_path / "mirrored")
+  proc = run_script("train_loop.py", SMOKE, "--cpu_replicas=2",
+                    f"--model_dir={model_dir}", check=True)
+  assert "MirroredStrategy x2" in proc.stdout
+  metrics = _metrics(model_dir)
+  assert metrics["num_replicas"] == 2 and metrics["global_step"] == 48
+  # Recompute the accuracy of the saved weights independently.
+  data = data_lib.make_synthetic(num_train=512, num_test=128, seed=1)
+  net = model_lib.build(model_lib.ConvNet())
+  tf.train.Checkpoint(model=net).restore(tf.train.latest_checkpoint(
+      os.path.join(model_dir, "checkpoints"))).expect_partial()
+  predicted = np.argmax(net(data.test_images / np.float32(255)).numpy(), -1)
+  correct = int(np.sum(predicted == data.test_labels))
+  assert metrics["eval_correct"] == correct
+  assert metrics["eval_accuracy"] == correct / 128
+
+
+def _bad_dir_under_a_file(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  return str(blocker / "run")
+
+
+BAD_FLAGS = [
+    ("batch_not_divisible", ["--cpu_replicas=2", "--batch_size=33"],
+     "does not divide over the 2 replicas"),
+    ("zero_epochs", ["--epochs=0"], "--epochs must be a positive"),
+    ("negative_epochs", ["--epochs=-3"], "--epochs must be a positive"),
+    ("zero_learning_rate", ["--learning_rate=0"], "--learning_rate must be > 0"),
+    ("unknown_dataset", ["--dataset=imagenet"], "dataset"),
+    ("unknown_strategy", ["--strategy=parameter_server"], "strategy"),
+    ("missing_data_dir", ["--dataset=cifar10", "--data_dir=/no/such/dir"],
+     "/no/such/dir does not exist"),
+    ("folder_without_data_dir", ["--dataset=folder"], "needs --data_dir"),
+    ("unwritable_model_dir", None, "is not a writable folder"),
+    ("unknown_flag", ["--epochz=3"], "epochz"),
+    ("missing_flagfile", ["--flagfile=configs/nope.flags"], "nope.flags"),
+]
+
+
+@pytest.mark.parametrize("name,args,message", BAD_FLAGS,
+                         ids=[b[0] for b in BAD_FLAGS])
+def test_bad_flags_give_one_clear_line(tmp_path, name, args, message):
+  if args is None:
+    args = [f"--model_dir={_bad_dir_under_a_file(tmp_path)}"]
+  else:
+    args = args + [f"--model_dir={tmp_path / 'run'}"]
+  proc = run_script("train_loop.py", SMOKE, *args, timeout=120)
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  errors = [l for l in lines if l.startswith("error: ")]
+  assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
+  assert message in errors[0]
+  assert "train step" not in proc.stdout

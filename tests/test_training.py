@@ -1,0 +1,88 @@
+"""In-process tests of the step functions and the loop."""
+
+import numpy as np
+import tensorflow as tf
+
+from research import data as data_lib
+from research import model as model_lib
+from research import steps as steps_lib
+
+
+def _runner(strategy, *, global_batch_size, keep_short_batch=False, lr=1e-3):
+  with strategy.scope():
+    net = model_lib.build(model_lib.ConvNet())
+    optimizer = tf.keras.optimizers.Adam(learning_rate=lr)
+    optimizer.build(net.trainable_variables)
+    return steps_lib.StepRunner(
+        strategy=strategy, model=net, optimizer=optimizer,
+        global_batch_size=global_batch_size,
+        keep_short_batch=keep_short_batch)
+
+
+def test_a_few_hundred_steps_drive_the_loss_well_down():
+  tf.keras.utils.set_random_seed(0)
+  strategy = tf.distribute.get_strategy()
+  data = data_lib.make_synthetic(num_train=512, num_test=128, seed=0)
+  runner = _runner(strategy, global_batch_size=32)
+  ds = data_lib.make_train_dataset(data, global_batch_size=32, seed=0,
+                                   num_epochs=13)
+  iterator = iter(strategy.experimental_distribute_dataset(ds))
+  losses = np.concatenate([
+      runner.train_steps(iterator, tf.constant(52))["step_losses"].numpy()
+      for _ in range(4)])
+  assert len(losses) == 208
+  assert losses[:5].mean() > 2.0
+  assert losses[-10:].mean() < 0.2 * losses[:5].mean()
+  assert runner.optimizer.iterations.numpy() == 208
+  evaluation = runner.evaluate(
+      data_lib.make_eval_dataset(data, global_batch_size=32),
+      data_lib.eval_steps(128, 32))
+  assert evaluation["count"] == 128
+  assert evaluation["accuracy"] > 0.9
+
+
+def test_step_function_is_traced_once_for_any_step_count():
+  strategy = tf.distribute.get_strategy()
+  data = data_lib.make_synthetic(num_train=64, num_test=8, seed=0)
+  runner = _runner(strategy, global_batch_size=16)
+  iterator = iter(data_lib.make_train_dataset(data, global_batch_size=16,
+                                              seed=0, num_epochs=3))
+  for n in (1, 3, 5):
+    out = runner.train_steps(iterator, tf.constant(n))
+    assert out["step_losses"].shape == (n,)
+    assert int(out["count"]) == 16 * n
+  assert runner.train_steps.experimental_get_tracing_count() == 1
+
+
+def test_short_batch_loss_is_the_mean_over_its_examples():
+  strategy = tf.distribute.get_strategy()
+  data = data_lib.make_synthetic(num_train=20, num_test=8, seed=0)
+  runner = _runner(strategy, global_batch_size=8, keep_short_batch=True,
+                   lr=1e-9)
+  ds = data_lib.make_train_dataset(data, global_batch_size=8, seed=0,
+                                   num_epochs=1, drop_remainder=False)
+  batches = list(ds)
+  assert [len(y) for _, y in batches] == [8, 8, 4]
+  # With a vanishing learning rate the weights stay put, so each step's loss
+  # can be recomputed directly from the batch.
+  expected = [float(tf.reduce_mean(runner.loss_fn(y, runner.model(x))))
+              for x, y in batches]
+  out = runner.train_steps(iter(ds), tf.constant(3))
+  np.testing.assert_allclose(out["step_losses"].numpy(), expected, rtol=1e-5)
+
+
+def test_eval_accuracy_is_correct_over_total_not_a_mean_of_batches():
+  strategy = tf.distribute.get_strategy()
+  data = data_lib.make_synthetic(num_train=16, num_test=13, seed=1)
+  runner = _runner(strategy, global_batch_size=8)
+  result = runner.evaluate(data_lib.make_eval_dataset(data,
+                                                      global_batch_size=8),
+                           data_lib.eval_steps(13, 8))
+  logits = runner.model(data.test_images.astype(np.float32) / 255.0)
+  predicted = np.argmax(logits.numpy(), axis=-1)
+  assert result["count"] == 13
+  assert result["correct"] == int(np.sum(predicted == data.test_labels))
+  assert result["accuracy"] == result["correct"] / 13
+  expected_loss = float(tf.reduce_mean(runner.loss_fn(data.test_labels,
+                                                      logits)))
+  np.testing.assert_allclose(result["loss"], expected_loss, rtol=1e-5)
