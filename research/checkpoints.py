@@ -2,8 +2,10 @@
 
 TensorFlow writes a checkpoint's files first and only then points the
 ``checkpoint`` state file at it (an atomic rename), so a crash during a save
-leaves the previous checkpoint as the latest. ``restore_latest`` additionally
-falls back to an older checkpoint when the newest cannot be read.
+leaves the previous checkpoint as the latest, and a save that fails (a full
+disk) leaves the earlier ones intact. ``restore_latest`` additionally falls
+back to an older checkpoint when the newest cannot be read, and refuses a
+checkpoint of a different model without touching anything.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 
 import tensorflow as tf
 
@@ -56,22 +59,50 @@ class CheckpointKeeper:
         model (for example, one of a different architecture).
     """
     candidates = list(reversed(self.manager.checkpoints))
+    if not candidates:
+      return None
     errors = []
     for path in candidates:
       try:
+        mismatch = self._shape_mismatch(path)
+        if mismatch:
+          # Not damage: the run directory belongs to another model (older
+          # checkpoints are of the same one), so refuse before restoring.
+          raise UserError(
+              f"{self.directory} holds a checkpoint of a different model "
+              f"({mismatch}); use another --model_dir")
         status = self.checkpoint.restore(path)
         status.assert_existing_objects_matched()
+        if errors:
+          logging.warning("restored the older checkpoint %s", path)
         return path
-      except (tf.errors.OpError, ValueError, AssertionError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        errors.append(f"{os.path.basename(path)}: {type(e).__name__} "
-                      f"{first_line[:200]}")
-        logging.warning("checkpoint %s is unusable (%s); trying an older one",
-                        path, first_line[:200])
-    if candidates:
-      raise UserError(
-          f"no checkpoint in {self.directory} can be restored into this model "
-          f"({'; '.join(errors)}); use a new --model_dir or remove that one")
+      except (tf.errors.OpError, ValueError, AssertionError, IndexError,
+              EOFError) as e:
+        errors.append((path, e))
+      logging.warning("checkpoint %s is unreadable (%s: %s); falling back to "
+                      "the previous one", path, type(errors[-1][1]).__name__,
+                      _first_line(errors[-1][1]))
+    raise UserError(
+        f"no checkpoint in {self.directory} can be restored ("
+        + "; ".join(f"{os.path.basename(p)}: {_first_line(e)}"
+                    for p, e in errors)
+        + "); use a new --model_dir or remove the damaged files")
+
+  def _shape_mismatch(self, path: str) -> str | None:
+    """Describes a variable whose shape differs from the checkpoint's."""
+    # Our own variables' keys and shapes, from a checkpoint of them written
+    # to memory (the same object graph gives the same keys).
+    probe = f"ram://checkpoint_probe/{uuid.uuid4().hex}/ckpt"
+    try:
+      ours = _shapes(self.checkpoint.write(probe))
+    finally:
+      tf.io.gfile.rmtree(os.path.dirname(probe))
+    theirs = _shapes(path)
+    for key, shape in ours.items():
+      if key in theirs and list(theirs[key]) != list(shape):
+        name = key.replace("/.ATTRIBUTES/VARIABLE_VALUE", "")
+        return (f"{name} has shape {list(theirs[key])} there but "
+                f"{list(shape)} here")
     return None
 
   def save(self, step: int) -> str:
@@ -88,3 +119,15 @@ class CheckpointKeeper:
       return self.checkpoint.write(os.path.join(scratch, f"ckpt-{step}"))
     finally:
       shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def _shapes(prefix: str) -> dict[str, list[int]]:
+  # A reader on the exact prefix (list_variables would treat a ram://
+  # prefix as a directory).
+  reader = tf.compat.v1.train.NewCheckpointReader(prefix)
+  return reader.get_variable_to_shape_map()

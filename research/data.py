@@ -69,7 +69,8 @@ class ArrayData:
 
 def load_data(name: str, *, data_dir: str | None = None, seed: int = 0,
               synthetic_train_size: int = 1024,
-              synthetic_test_size: int = 256) -> ArrayData:
+              synthetic_test_size: int = 256,
+              resize_to: tuple[int, int] | None = None) -> ArrayData:
   """Loads a dataset by name.
 
   Args:
@@ -79,6 +80,7 @@ def load_data(name: str, *, data_dir: str | None = None, seed: int = 0,
     seed: Seed of the synthetic data.
     synthetic_train_size: Number of synthetic training examples.
     synthetic_test_size: Number of synthetic test examples.
+    resize_to: ``folder``: resize every image to ``(height, width)``.
 
   Returns:
     The dataset as an ``ArrayData``.
@@ -92,7 +94,7 @@ def load_data(name: str, *, data_dir: str | None = None, seed: int = 0,
     if not data_dir:
       raise UserError("--dataset=folder needs --data_dir=<folder with train/ "
                       "and test/ class subfolders>")
-    return load_image_folder(data_dir)
+    return load_image_folder(data_dir, resize_to=resize_to)
   if name == "synthetic":
     return make_synthetic(num_train=synthetic_train_size,
                           num_test=synthetic_test_size, seed=seed)

@@ -6,3 +6,4 @@ Importable without TensorFlow, so scripts can define and validate their flags
 
 DATASETS = ("cifar10", "folder", "synthetic")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
+FAULTS = ("none", "unscaled_loss", "unscaled_regularization")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 _SUM = tf.distribute.ReduceOp.SUM
+NAN_POLICIES = ("stop", "skip")
 
 
 class StepRunner:
@@ -29,7 +30,7 @@ class StepRunner:
   def __init__(self, *, strategy: tf.distribute.Strategy,
                model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimizer,
                global_batch_size: int, keep_short_batch: bool = False,
-               jit_compile: bool = False):
+               jit_compile: bool = False, nan_policy: str = "stop"):
     """Builds the step functions (they trace on first call).
 
     Args:
@@ -42,11 +43,17 @@ class StepRunner:
         over replicas, which is what ``model.fit`` on one device does; with
         full batches the constant ``global_batch_size`` is used.
       jit_compile: Compile the replica steps with XLA.
+      nan_policy: What a step with a non-finite loss or gradient does; the
+        update is never applied. ``stop``: the call runs no further steps and
+        reports the step. ``skip``: the step is counted and training goes on.
 
     Raises:
       ValueError: if ``global_batch_size`` is not positive or not divisible by
-        the number of replicas.
+        the number of replicas, or ``nan_policy`` is unknown.
     """
+    if nan_policy not in NAN_POLICIES:
+      raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got "
+                       f"{nan_policy!r}")
     replicas = strategy.num_replicas_in_sync
     if global_batch_size <= 0 or global_batch_size % replicas:
       raise ValueError(
@@ -57,10 +64,24 @@ class StepRunner:
     self.optimizer = optimizer
     self.global_batch_size = global_batch_size
     self.keep_short_batch = keep_short_batch
+    self.nan_policy = nan_policy
+    # Losses are computed in float32 at least: float16/bfloat16 logits (mixed
+    # precision) are upcast, float64 models keep float64.
+    self.loss_dtype = (tf.float64 if model.compute_dtype == "float64"
+                       else tf.float32)
     self.loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, reduction=None)
-    self._replica_train = tf.function(self._replica_train_step,
-                                      jit_compile=jit_compile)
+        from_logits=True, reduction=None, dtype=self.loss_dtype)
+    # XLA compiles the forward and backward pass, and separately the update
+    # (which, with several replicas, touches mirrored variables on every
+    # replica's device: one XLA cluster cannot span them). Without XLA the
+    # replica functions are plain Python, traced into the caller: nested
+    # tf.functions must not hold a cross-replica synchronization point.
+    self._replica_gradients = (
+        tf.function(self._replica_gradients_step, jit_compile=True)
+        if jit_compile else self._replica_gradients_step)
+    self._replica_apply = (
+        tf.function(self._replica_apply_step, jit_compile=True)
+        if jit_compile and replicas == 1 else self._replica_apply_step)
     self._replica_eval = tf.function(self._replica_eval_step,
                                      jit_compile=jit_compile)
     self.train_steps = tf.function(self._train_steps)
@@ -79,46 +100,89 @@ class StepRunner:
   def _regularization(self):
     if not self.model.losses:
       return 0.0
-    return tf.add_n([tf.cast(l, tf.float32) for l in self.model.losses])
+    return tf.add_n([tf.cast(l, self.loss_dtype) for l in self.model.losses])
 
-  def _replica_train_step(self, images, labels):
-    variables = self.model.trainable_variables
+  def replica_loss(self, labels, logits, global_batch_size):
+    """This replica's share of the step's loss (replica context).
+
+    Summed over replicas it is the global mean per-example loss plus the
+    regularization penalty, which is what ``model.fit`` minimizes.
+
+    Args:
+      labels: This replica's labels.
+      logits: This replica's logits.
+      global_batch_size: Examples in the step over all replicas.
+    """
+    per_example = self.loss_fn(labels, logits)
+    loss = tf.nn.compute_average_loss(per_example,
+                                      global_batch_size=global_batch_size)
+    if self.model.losses:
+      loss += tf.nn.scale_regularization_loss(self._regularization())
+    return loss
+
+  def _replica_gradients_step(self, images, labels, global_batch_size):
     with tf.GradientTape() as tape:
-      logits = tf.cast(self.model(images, training=True), tf.float32)
-      per_example = self.loss_fn(labels, logits)
-      loss = tf.nn.compute_average_loss(
-          per_example, global_batch_size=self._step_batch_size(labels))
-      if self.model.losses:
-        loss += tf.nn.scale_regularization_loss(self._regularization())
-    gradients = tape.gradient(loss, variables)
-    self.optimizer.apply_gradients(zip(gradients, variables))
-    return loss, _num_correct(logits, labels), tf.size(labels, tf.int64)
+      logits = tf.cast(self.model(images, training=True), self.loss_dtype)
+      loss = self.replica_loss(labels, logits, global_batch_size)
+    gradients = tape.gradient(loss, self.model.trainable_variables)
+    nonfinite = tf.cast(tf.logical_not(tf.math.is_finite(loss)), tf.int32)
+    for g in gradients:
+      nonfinite += tf.cast(tf.logical_not(tf.reduce_all(tf.math.is_finite(g))),
+                           tf.int32)
+    return loss, gradients, _num_correct(logits, labels), nonfinite
+
+  def _replica_forward_backward(self, images, labels):
+    loss, gradients, correct, nonfinite = self._replica_gradients(
+        images, labels, self._step_batch_size(labels))
+    return loss, gradients, correct, tf.size(labels, tf.int64), nonfinite
+
+  def _replica_apply_step(self, gradients):
+    self.optimizer.apply_gradients(
+        zip(gradients, self.model.trainable_variables))
 
   def _replica_eval_step(self, images, labels):
-    logits = tf.cast(self.model(images, training=False), tf.float32)
+    logits = tf.cast(self.model(images, training=False), self.loss_dtype)
     loss_sum = tf.reduce_sum(self.loss_fn(labels, logits))
     return loss_sum, _num_correct(logits, labels), tf.size(labels, tf.int64)
 
   # Cross-replica context -------------------------------------------------
 
   def _train_steps(self, iterator, num_steps):
-    """Runs ``num_steps`` training steps.
+    """Runs up to ``num_steps`` training steps.
 
     Returns:
-      A dict: ``step_losses`` float32 ``[num_steps]`` (each step's global mean
-      loss including regularization, as minimized), ``correct`` and ``count``
-      int64 (over all the steps' examples, before each update).
+      A dict: ``step_losses`` ``[num_steps]`` (each step's global mean loss
+      including regularization, as minimized; float32, or float64 for a
+      float64 model), ``correct`` and ``count`` int64 (over the steps'
+      examples, before each update), ``skipped`` int32 (steps whose update
+      was not applied because the loss or a gradient was not finite),
+      ``nonfinite_step`` int32 (index in this call of the first such step,
+      -1 if none). Under ``nan_policy="stop"`` no step after it runs and its
+      ``step_losses`` entries stay 0.
     """
-    losses = tf.TensorArray(tf.float32, size=num_steps)
+    losses = tf.TensorArray(self.loss_dtype, size=num_steps, element_shape=())
     correct = tf.constant(0, tf.int64)
     count = tf.constant(0, tf.int64)
+    skipped = tf.constant(0)
+    nonfinite_step = tf.constant(-1)
     for i in tf.range(num_steps):
-      loss, c, n = self.strategy.run(self._replica_train,
-                                     args=next(iterator))
+      if self.nan_policy == "stop" and nonfinite_step >= 0:
+        break
+      loss, gradients, c, n, bad = self.strategy.run(
+          self._replica_forward_backward, args=next(iterator))
       losses = losses.write(i, self.strategy.reduce(_SUM, loss, axis=None))
       correct += self.strategy.reduce(_SUM, c, axis=None)
       count += self.strategy.reduce(_SUM, n, axis=None)
-    return {"step_losses": losses.stack(), "correct": correct, "count": count}
+      # Checked over all replicas, so every replica takes the same branch.
+      if self.strategy.reduce(_SUM, bad, axis=None) == 0:
+        self.strategy.run(self._replica_apply, args=(gradients,))
+      else:
+        skipped += 1
+        if nonfinite_step < 0:
+          nonfinite_step = i
+    return {"step_losses": losses.stack(), "correct": correct,
+            "count": count, "skipped": skipped,
+            "nonfinite_step": nonfinite_step}
 
   def _eval_steps(self, iterator, num_steps):
     """Runs ``num_steps`` evaluation steps.

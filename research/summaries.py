@@ -1,9 +1,11 @@
 """TensorBoard summaries: one writer per split under the model directory.
 
 Scalars are buffered and written when ``commit`` is called, which the loop
-does right after a checkpoint is saved. A run that dies therefore never leaves
-events for steps its checkpoint does not cover, so a resumed run's curves have
-no duplicated steps.
+does right before it saves a checkpoint. A run killed after a commit but
+before its checkpoint re-runs those steps when it resumes; the manager knows
+from the existing event files (read with TensorBoard's own reader) which
+steps each tag already has and does not write them again. So a resumed run's
+curves show every step exactly once.
 """
 
 from __future__ import annotations
@@ -11,6 +13,23 @@ from __future__ import annotations
 import os
 
 import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+
+def last_logged_steps(event_dir: str) -> dict[str, int]:
+  """The highest step of each scalar tag in ``event_dir`` (empty if none)."""
+  if not tf.io.gfile.isdir(event_dir):
+    return {}
+  acc = event_accumulator.EventAccumulator(
+      event_dir, size_guidance={event_accumulator.TENSORS: 0,
+                                event_accumulator.SCALARS: 0})
+  acc.Reload()
+  last = {}
+  for tag in acc.Tags()["tensors"]:
+    last[tag] = max(e.step for e in acc.Tensors(tag))
+  for tag in acc.Tags()["scalars"]:
+    last[tag] = max(e.step for e in acc.Scalars(tag))
+  return last
 
 
 class SummaryManager:
@@ -28,6 +47,13 @@ class SummaryManager:
     self.enabled = enabled
     self._writers: dict[str, tf.summary.SummaryWriter] = {}
     self._pending: list[tuple[str, str, float, int]] = []
+    self._written: dict[str, dict[str, int]] = {}
+
+  def _last_written(self, split: str) -> dict[str, int]:
+    if split not in self._written:
+      self._written[split] = last_logged_steps(
+          os.path.join(self.model_dir, split))
+    return self._written[split]
 
   def _writer(self, split: str) -> tf.summary.SummaryWriter:
     if split not in self._writers:
@@ -38,14 +64,19 @@ class SummaryManager:
   def scalars(self, split: str, values: dict[str, float], step: int) -> None:
     """Queues scalars ``<split>/<name>`` at ``step`` until the next commit.
 
+    A tag's value at a step the event files already hold is dropped.
+
     Args:
       split: ``train`` or ``eval`` (any subdirectory name works).
       values: Tag name to value.
       step: The global step.
     """
-    if self.enabled:
-      self._pending.extend((split, k, float(v), int(step))
-                           for k, v in values.items())
+    if not self.enabled:
+      return
+    written = self._last_written(split)
+    self._pending.extend((split, k, float(v), int(step))
+                         for k, v in values.items()
+                         if int(step) > written.get(k, -1))
 
   def commit(self) -> None:
     """Writes every queued scalar and flushes the event files."""

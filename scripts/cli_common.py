@@ -7,13 +7,18 @@ the ``research`` library takes plain arguments.
 from __future__ import annotations
 
 import datetime
-import json
 import os
+import shutil
 import sys
+import tempfile
 
 from absl import flags
 
+from research import options
 from research.errors import UserError
+
+# Room for a few checkpoints (1.5 MB each) and event files.
+MIN_FREE_MB = 20
 
 
 def exit_with_error(message: str, status: int = 2) -> None:
@@ -30,6 +35,24 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     exit_with_error(f"{e} (see --helpfull)")
+
+
+def define_data_flags(fv: flags.FlagValues, *, default_dataset: str,
+                      synthetic_train_size: int,
+                      synthetic_test_size: int) -> None:
+  """Defines --dataset, --data_dir and the synthetic sizes on ``fv``."""
+  flags.DEFINE_enum("dataset", default_dataset, options.DATASETS,
+                    "Data source.", flag_values=fv)
+  flags.DEFINE_string("data_dir", None,
+                      "cifar10: cifar-10-batches-py/ or its parent (default: "
+                      "Keras' download cache); folder: the folder holding "
+                      "train/<class>/ and test/<class>/.", flag_values=fv)
+  flags.DEFINE_integer("synthetic_train_size", synthetic_train_size,
+                       "synthetic: training examples.", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("synthetic_test_size", synthetic_test_size,
+                       "synthetic: test examples.", lower_bound=1,
+                       flag_values=fv)
 
 
 def _nearest_existing(path: str) -> str:
@@ -101,9 +124,17 @@ def resolve_model_dir(fv: flags.FlagValues) -> str:
     model_dir = os.path.join("logs", run_name)
   try:
     os.makedirs(model_dir, exist_ok=True)
+    # The real test of writability (permissions, a read-only mount).
+    with tempfile.TemporaryFile(dir=model_dir):
+      pass
   except OSError as e:
-    raise UserError(f"cannot create --model_dir={model_dir} ({e.strerror}); "
+    raise UserError(f"cannot write to --model_dir={model_dir} ({e.strerror}); "
                     f"pick a folder you can write to") from None
+  free_mb = shutil.disk_usage(model_dir).free / 2**20
+  if free_mb < MIN_FREE_MB:
+    raise UserError(f"only {free_mb:.0f} MB free under --model_dir={model_dir}"
+                    f"; checkpoints and event files need at least "
+                    f"{MIN_FREE_MB} MB")
   return model_dir
 
 
@@ -140,6 +171,15 @@ def train_config_from_flags(fv: flags.FlagValues, *, model_dir: str, strategy):
   from research.loop import TrainConfig
   replicas = strategy.num_replicas_in_sync
   global_batch_size = global_batch_size_from_flags(fv, replicas)
+  jit_compile = resolve_jit_compile(fv.jit_compile, strategy)
+  if jit_compile and fv.cpu_replicas > 1:
+    raise UserError("--jit_compile=true with --cpu_replicas > 1 is not "
+                    "supported by TensorFlow (an XLA cluster cannot use "
+                    "variables of another logical CPU); drop one of them")
+  if fv.deterministic and jit_compile:
+    raise UserError("--deterministic cannot be combined with XLA "
+                    "(--jit_compile): TensorFlow has no deterministic XLA "
+                    "MaxPool gradient; pass --jit_compile=false")
   return TrainConfig(
       model_dir=model_dir, epochs=fv.epochs,
       global_batch_size=global_batch_size,
@@ -148,13 +188,24 @@ def train_config_from_flags(fv: flags.FlagValues, *, model_dir: str, strategy):
       checkpoint_every_steps=fv.checkpoint_every_steps,
       keep_checkpoints=fv.keep_checkpoints, augment=fv.augment,
       keep_short_batch=fv.keep_short_batch,
-      jit_compile=resolve_jit_compile(fv.jit_compile, strategy), l2=fv.l2)
+      jit_compile=jit_compile, l2=fv.l2, deterministic=fv.deterministic,
+      nan_policy=fv.nan_policy)
 
 
-def write_flags_json(fv: flags.FlagValues, model_dir: str) -> None:
-  """Writes every flag's value to ``<model_dir>/flags.json`` (atomically)."""
-  path = os.path.join(model_dir, "flags.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(fv.flag_values_dict(), f, indent=2, sort_keys=True, default=str)
-    f.write("\n")
-  os.replace(path + ".tmp", path)
+def exit_status(error: UserError) -> int:
+  """3 for a run stopped by a non-finite loss, 2 for other user errors."""
+  return 3 if type(error).__name__ == "NonFiniteLossError" else 2
+
+
+def parse_image_size(value: str | None) -> tuple[int, int] | None:
+  """``"32x32"`` -> ``(32, 32)``; None stays None.
+
+  Raises:
+    UserError: for anything but two positive integers joined by ``x``.
+  """
+  if not value:
+    return None
+  parts = value.lower().split("x")
+  if len(parts) == 2 and all(p.isdigit() and int(p) > 0 for p in parts):
+    return int(parts[0]), int(parts[1])
+  raise UserError(f"--resize_images={value} is not HEIGHTxWIDTH (e.g. 32x32)")

@@ -29,18 +29,8 @@ FLAGS = flags.FLAGS
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   """Defines this script's flags and their validators on ``fv``."""
-  flags.DEFINE_enum("dataset", "cifar10", options.DATASETS,
-                    "Data source.", flag_values=fv)
-  flags.DEFINE_string("data_dir", None,
-                      "cifar10: cifar-10-batches-py/ or its parent (default: "
-                      "Keras' download cache); folder: the folder holding "
-                      "train/<class>/ and test/<class>/.", flag_values=fv)
-  flags.DEFINE_integer("synthetic_train_size", 1024,
-                       "synthetic: training examples.", lower_bound=1,
-                       flag_values=fv)
-  flags.DEFINE_integer("synthetic_test_size", 256,
-                       "synthetic: test examples.", lower_bound=1,
-                       flag_values=fv)
+  cli.define_data_flags(fv, default_dataset="cifar10",
+                        synthetic_train_size=1024, synthetic_test_size=256)
   flags.DEFINE_string("model_dir", None,
                       "Run directory for event files, checkpoints and "
                       "metrics.json (default: logs/<run_name>).",
@@ -79,6 +69,18 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_bool("keep_short_batch", False,
                     "Keep each epoch's last short training batch.",
                     flag_values=fv)
+  flags.DEFINE_string("resize_images", None,
+                      "folder: resize every image to HxW (e.g. 32x32); "
+                      "without it, images of mixed sizes are refused.",
+                      flag_values=fv)
+  flags.DEFINE_bool("deterministic", False,
+                    "Seed everything and enable op determinism: two runs of "
+                    "the same command give bitwise-identical weights.",
+                    flag_values=fv)
+  flags.DEFINE_enum("nan_policy", "stop", ["stop", "skip"],
+                    "A step with a non-finite loss or gradient: stop (exit 3, "
+                    "save nothing) or skip its update and count it.",
+                    flag_values=fv)
   flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
                     "XLA for the steps; auto: on for a single GPU, off "
                     "otherwise (as Keras does).", flag_values=fv)
@@ -116,14 +118,14 @@ def main(argv):
     data = data_lib.load_data(
         FLAGS.dataset, data_dir=FLAGS.data_dir, seed=FLAGS.seed,
         synthetic_train_size=FLAGS.synthetic_train_size,
-        synthetic_test_size=FLAGS.synthetic_test_size)
-    if distribute.is_chief(strategy):
-      cli.write_flags_json(FLAGS, model_dir)
+        synthetic_test_size=FLAGS.synthetic_test_size,
+        resize_to=cli.parse_image_size(FLAGS.resize_images))
     from research import loop  # Imported late: it pulls in Keras.
     metrics = loop.train(config, strategy=strategy, data=data,
-                         log=lambda line: print(line, flush=True))
+                         log=lambda line: print(line, flush=True),
+                         run_files={"flags.json": FLAGS.flag_values_dict()})
   except UserError as e:
-    cli.exit_with_error(str(e))
+    cli.exit_with_error(str(e), status=cli.exit_status(e))
   print(f"done: eval accuracy {metrics['eval_accuracy']:.4f} "
         f"loss {metrics['eval_loss']:.4f} at step {metrics['global_step']} "
         f"in {metrics['wall_seconds']:.0f}s", flush=True)

@@ -1,0 +1,434 @@
+"""Proof that the custom loop equals ``model.fit``, step by step.
+
+Both sides start from the same initial weights (the ``ConvNet`` is copied into
+the seed's ``Sequential`` form), use the same optimizer settings and loss, the
+same ``tf.data`` pipeline (same seed, order and batches), the same
+``jit_compile``, and run with op determinism on. Then every step's loss, every
+weight after training, and the evaluation on the test split are compared.
+
+``model.fit`` only logs a running mean of the loss over the epoch. A callback
+resets the metrics before each batch, so the logged value after the batch is
+that batch's own loss; ``fit_loss_recovery_error`` checks this against the
+loss of the first batch computed directly from the initial weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from research import data as data_lib
+from research import model as model_lib
+from research import steps as steps_lib
+from research.options import FAULTS
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+  """Largest allowed differences between the loop and ``fit``."""
+  loss: float
+  weight: float
+  eval_loss: float = 1e-6
+
+
+# The thresholds of each mode (see README.md, "Equivalence with model.fit").
+TOLERANCES = {
+    "one_device": Tolerance(loss=1e-6, weight=0.0),
+    "loop_replicas_vs_fit_one_device": Tolerance(loss=1e-5, weight=1e-4),
+    "same_strategy": Tolerance(loss=1e-6, weight=1e-6),
+}
+
+
+# Why the mode that changes the replica count compares in float64 by default.
+FLOAT64_REASON = (
+    "Changing the replica count changes the order in which gradients are "
+    "summed, so float32 results differ in the last bit after the first step. "
+    "Adam's first updates are nearly sign(gradient) * learning_rate, and "
+    "training amplifies such differences chaotically: in float32, Keras' own "
+    "fit on 2 replicas differs from fit on 1 device by 1.3e-3 in the weights "
+    "after 10 CIFAR-10 steps and 0.10 after 200, as does fit against itself "
+    "with one initial weight moved by one ulp. In float64 the same "
+    "amplification leaves differences far below the tolerances, while any "
+    "real mistake (a loss not scaled for the replicas) still shows at once.")
+
+
+def default_dtype(replicas: int, fit_replicas: int) -> str:
+  """float64 when the replica counts differ (see ``FLOAT64_REASON``)."""
+  return "float64" if replicas != fit_replicas else "float32"
+
+
+def mode_of(replicas: int, fit_replicas: int) -> str:
+  """Names the comparison mode of a (loop, fit) replica-count pair."""
+  if replicas == fit_replicas:
+    return "one_device" if replicas == 1 else "same_strategy"
+  return "loop_replicas_vs_fit_one_device"
+
+
+@dataclasses.dataclass(frozen=True)
+class EquivalenceConfig:
+  """What to compare.
+
+  Attributes:
+    global_batch_size: Examples per step.
+    steps: Training steps (None: one epoch).
+    replicas: Replicas of the loop's strategy.
+    fit_replicas: Replicas of ``fit``'s strategy (1: no strategy).
+    l2: Kernel L2 regularization on both models.
+    keep_short_batch: Keep each epoch's last short batch.
+    steps_per_loop: The loop's steps per ``tf.function`` call.
+    jit_compile: XLA on both sides.
+    learning_rate: Adam's learning rate on both sides.
+    seed: Seed of initialization and data order.
+    dtype: ``float32``, or ``float64`` for both models and losses (see
+      ``FLOAT64_REASON``).
+    noise_floor: Also measure what float rounding alone does: one-device
+      ``fit`` against itself with one initial weight moved by one ulp.
+    fault: A deliberate bug in the loop (to show the check can fail).
+    fault_step: First step at which the fault acts.
+  """
+  global_batch_size: int = 32
+  steps: int | None = None
+  replicas: int = 1
+  fit_replicas: int = 1
+  l2: float = 0.0
+  keep_short_batch: bool = False
+  steps_per_loop: int = 50
+  jit_compile: bool = False
+  learning_rate: float = 0.001
+  seed: int = 0
+  dtype: str = "float32"
+  noise_floor: bool = False
+  fault: str = "none"
+  fault_step: int = 0
+
+  def __post_init__(self):
+    if self.dtype not in ("float32", "float64"):
+      raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+    if self.fault not in FAULTS:
+      raise ValueError(f"fault must be one of {FAULTS}, got {self.fault!r}")
+    for name in ("global_batch_size", "replicas", "fit_replicas",
+                 "steps_per_loop"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.steps is not None and self.steps < 1:
+      raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+@dataclasses.dataclass
+class Report:
+  """Everything the comparison measured."""
+  mode: str
+  tolerance: Tolerance
+  steps: int
+  fit_losses: list[float]
+  loop_losses: list[float]
+  max_loss_diff: float
+  worst_step: int
+  first_failing_step: int | None
+  max_weight_diff: float
+  worst_weight: str
+  fit_loss_recovery_error: float
+  noise_floor_loss: float | None
+  noise_floor_weight: float | None
+  dtype: str
+  fit_eval: dict
+  loop_eval: dict
+  passed: bool
+  failures: list[str]
+
+  def to_json(self) -> dict:
+    out = dataclasses.asdict(self)
+    out["tolerance"] = dataclasses.asdict(self.tolerance)
+    return out
+
+
+class _FaultyStepRunner(steps_lib.StepRunner):
+  """The loop with one deliberate mistake, from ``fault_step`` on."""
+
+  def __init__(self, *, fault: str, fault_step: int, **kwargs):
+    super().__init__(**kwargs)
+    self.fault = fault
+    self.fault_step = fault_step
+
+  def replica_loss(self, labels, logits, global_batch_size):
+    right = super().replica_loss(labels, logits, global_batch_size)
+    if self.fault == "unscaled_loss":
+      # Averages over the replica's own batch, forgetting the other replicas.
+      wrong = tf.reduce_mean(self.loss_fn(labels, logits))
+      if self.model.losses:
+        wrong += tf.nn.scale_regularization_loss(self._regularization())
+    else:  # unscaled_regularization: the penalty counted once per replica.
+      wrong = tf.nn.compute_average_loss(self.loss_fn(labels, logits),
+                                         global_batch_size=global_batch_size)
+      if self.model.losses:
+        wrong += self._regularization()
+    active = self.optimizer.iterations >= self.fault_step
+    return tf.where(active, wrong, right)
+
+
+def _strategy(devices: Sequence[str]) -> tf.distribute.Strategy:
+  if len(devices) == 1:
+    return tf.distribute.OneDeviceStrategy(devices[0])
+  return tf.distribute.MirroredStrategy(list(devices))
+
+
+class _PerBatchLoss(tf.keras.callbacks.Callback):
+  """Records each batch's own loss from ``fit``'s logs.
+
+  Resetting the metrics before every batch turns the running mean that
+  ``fit`` logs into the loss of that batch alone.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.losses = []
+
+  def on_train_batch_begin(self, batch, logs=None):
+    for metric in self.model.metrics:
+      metric.reset_state()
+
+  def on_train_batch_end(self, batch, logs=None):
+    self.losses.append(float(logs["loss"]))
+
+
+@contextlib.contextmanager
+def _keras_dtype(dtype: str):
+  """Within the block, Keras builds layers, losses and metrics in ``dtype``.
+
+  Both the policy (layers) and floatx (losses, metrics such as fit's loss
+  tracker) are set, so a float64 comparison has no float32 step anywhere.
+  """
+  previous_policy = tf.keras.config.dtype_policy()
+  previous_floatx = tf.keras.config.floatx()
+  tf.keras.config.set_dtype_policy(dtype)
+  tf.keras.config.set_floatx(dtype)
+  try:
+    yield
+  finally:
+    tf.keras.config.set_dtype_policy(previous_policy)
+    tf.keras.config.set_floatx(previous_floatx)
+
+
+def _run_loop(config, data, strategy, initial_weights, train_dataset,
+              eval_dataset, steps):
+  """Trains with our loop; returns (losses, model, eval result)."""
+  with strategy.scope():
+    net = model_lib.build(model_lib.ConvNet(num_classes=data.num_classes,
+                                            l2=config.l2), data.image_shape)
+    for w, value in zip(net.weights, initial_weights):
+      w.assign(value)
+    optimizer = tf.keras.optimizers.Adam(learning_rate=config.learning_rate)
+    optimizer.build(net.trainable_variables)
+    kwargs = dict(strategy=strategy, model=net, optimizer=optimizer,
+                  global_batch_size=config.global_batch_size,
+                  keep_short_batch=config.keep_short_batch,
+                  jit_compile=config.jit_compile)
+    runner = (steps_lib.StepRunner(**kwargs) if config.fault == "none" else
+              _FaultyStepRunner(fault=config.fault,
+                                fault_step=config.fault_step, **kwargs))
+  iterator = iter(strategy.distribute_datasets_from_function(train_dataset))
+  losses = []
+  while len(losses) < steps:
+    n = min(config.steps_per_loop, steps - len(losses))
+    losses += runner.train_steps(
+        iterator, tf.constant(n))["step_losses"].numpy().tolist()
+  evaluation = runner.evaluate(
+      strategy.distribute_datasets_from_function(eval_dataset),
+      data_lib.eval_steps(len(data.test_labels), config.global_batch_size))
+  return losses, net, evaluation
+
+
+def _run_fit(config, data, strategy, initial_weights, train_dataset,
+             eval_dataset, steps, *, perturb=False):
+  """Trains with ``model.fit``; returns (losses, model, eval result,
+  recovery error of the per-batch loss)."""
+  with strategy.scope():
+    seq = model_lib.build_sequential(num_classes=data.num_classes,
+                                     l2=config.l2,
+                                     input_shape=data.image_shape)
+    for w, value in zip(seq.weights, initial_weights):
+      w.assign(value)
+    if perturb:  # One ulp on one weight: the smallest possible difference.
+      first = seq.weights[0].numpy()
+      first.flat[0] = np.nextafter(first.flat[0], first.dtype.type(np.inf))
+      seq.weights[0].assign(first)
+    seq.compile(
+        optimizer=tf.keras.optimizers.Adam(learning_rate=config.learning_rate),
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"], jit_compile=config.jit_compile,
+        steps_per_execution=1)
+  first_x, first_y = next(iter(train_dataset()))
+  direct_first_loss = float(
+      tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(
+          first_y, seq(first_x), from_logits=True))
+      + (tf.add_n(seq.losses) if seq.losses else 0.0))
+  recorder = _PerBatchLoss()
+  seq.fit(train_dataset(), epochs=1, steps_per_epoch=steps, verbose=0,
+          callbacks=[recorder], shuffle=False)
+  evaluated = seq.evaluate(eval_dataset(), verbose=0, return_dict=True)
+  num_test = len(data.test_labels)
+  evaluation = {"loss": float(evaluated["loss"]),
+                "accuracy": float(evaluated["accuracy"]),
+                "correct": int(round(float(evaluated["accuracy"]) * num_test)),
+                "count": num_test}
+  recovery_error = abs(recorder.losses[0] - direct_first_loss)
+  return recorder.losses, seq, evaluation, recovery_error
+
+
+def _max_weight_diff(a: tf.keras.Model, b: tf.keras.Model) -> tuple[float, str]:
+  return max((float(np.max(np.abs(x.numpy() - y.numpy()))), y.path)
+             for x, y in zip(a.weights, b.weights))
+
+
+def run(config: EquivalenceConfig, data: data_lib.ArrayData,
+        devices: Sequence[str]) -> Report:
+  """Trains with the loop and with ``fit`` and compares them.
+
+  Call ``tf.config.experimental.enable_op_determinism()`` first.
+
+  Args:
+    config: What to compare.
+    data: The dataset.
+    devices: Devices to place replicas on (at least
+      ``max(replicas, fit_replicas)``).
+
+  Returns:
+    The report.
+
+  Raises:
+    ValueError: if there are too few devices, or the batch does not divide
+      over the replicas.
+  """
+  with _keras_dtype(config.dtype):
+    return _run(config, data, devices)
+
+
+def _run(config: EquivalenceConfig, data: data_lib.ArrayData,
+         devices: Sequence[str]) -> Report:
+  need = max(config.replicas, config.fit_replicas)
+  if len(devices) < need:
+    raise ValueError(f"need {need} devices, got {len(devices)}: {devices}")
+  for r in (config.replicas, config.fit_replicas):
+    if config.global_batch_size % r:
+      raise ValueError(f"global_batch_size {config.global_batch_size} does "
+                       f"not divide over {r} replicas")
+  drop = not config.keep_short_batch
+  spe = data_lib.steps_per_epoch(len(data.train_labels),
+                                 config.global_batch_size, drop)
+  steps = config.steps or spe
+  epochs = -(-steps // spe)
+
+  def train_dataset(input_context=None):
+    return data_lib.make_train_dataset(
+        data, global_batch_size=config.global_batch_size, seed=config.seed,
+        num_epochs=epochs, drop_remainder=drop, input_context=input_context)
+
+  def eval_dataset(input_context=None):
+    return data_lib.make_eval_dataset(
+        data, global_batch_size=config.global_batch_size,
+        input_context=input_context)
+
+  tf.keras.utils.set_random_seed(config.seed)
+  initial_weights = [w.numpy() for w in model_lib.build(
+      model_lib.ConvNet(num_classes=data.num_classes, l2=config.l2),
+      data.image_shape).weights]
+  datasets = (train_dataset, eval_dataset, steps)
+  loop_losses, net, loop_eval = _run_loop(
+      config, data, _strategy(devices[:config.replicas]), initial_weights,
+      *datasets)
+  fit_strategy = (_strategy(devices[:config.fit_replicas])
+                  if config.fit_replicas > 1 else tf.distribute.get_strategy())
+  fit_losses, seq, fit_eval, recovery_error = _run_fit(
+      config, data, fit_strategy, initial_weights, *datasets)
+  noise_loss = noise_weight = None
+  if config.noise_floor:
+    noisy_losses, noisy, _, _ = _run_fit(
+        config, data, tf.distribute.get_strategy(), initial_weights,
+        *datasets, perturb=True)
+    noise_loss = float(np.max(np.abs(np.array(noisy_losses) -
+                                     np.array(fit_losses))))
+    noise_weight = _max_weight_diff(noisy, seq)[0]
+
+  # Compare.
+  mode = mode_of(config.replicas, config.fit_replicas)
+  tolerance = TOLERANCES[mode]
+  diffs = np.abs(np.array(fit_losses, np.float64) -
+                 np.array(loop_losses, np.float64))
+  over = np.nonzero(diffs > tolerance.loss)[0]
+  max_weight_diff, worst_weight = _max_weight_diff(seq, net)
+  num_test = len(data.test_labels)
+
+  failures = []
+  if len(fit_losses) != steps:
+    failures.append(f"fit ran {len(fit_losses)} steps, expected {steps}")
+  if len(over):
+    failures.append(
+        f"step {int(over[0])}: |loss difference| {diffs[over[0]]:.3g} > "
+        f"{tolerance.loss:g} (first of {len(over)} steps over tolerance)")
+  if max_weight_diff > tolerance.weight:
+    failures.append(f"weights: max |difference| {max_weight_diff:.3g} in "
+                    f"{worst_weight} > {tolerance.weight:g}")
+  if recovery_error > 1e-6:
+    failures.append(f"fit's per-batch loss recovery is off by "
+                    f"{recovery_error:.3g}")
+  if loop_eval["correct"] != fit_eval["correct"] or (
+      loop_eval["count"] != num_test):
+    failures.append(
+        f"eval: loop has {loop_eval['correct']}/{loop_eval['count']} "
+        f"correct, model.evaluate {fit_eval['correct']}/{num_test}")
+  if abs(loop_eval["loss"] - fit_eval["loss"]) > tolerance.eval_loss:
+    failures.append(f"eval loss: loop {loop_eval['loss']:.8f} vs "
+                    f"model.evaluate {fit_eval['loss']:.8f}")
+
+  return Report(
+      mode=mode, tolerance=tolerance, steps=steps, fit_losses=fit_losses,
+      loop_losses=loop_losses, max_loss_diff=float(diffs.max()),
+      worst_step=int(np.argmax(diffs)),
+      first_failing_step=int(over[0]) if len(over) else None,
+      max_weight_diff=max_weight_diff, worst_weight=worst_weight,
+      fit_loss_recovery_error=recovery_error, noise_floor_loss=noise_loss,
+      noise_floor_weight=noise_weight, dtype=config.dtype, fit_eval=fit_eval,
+      loop_eval=loop_eval, passed=not failures, failures=failures)
+
+
+def format_report(report: Report, *, first: int = 5, worst: int = 5) -> str:
+  """The human-readable table and summary."""
+  diffs = [abs(f - l) for f, l in zip(report.fit_losses, report.loop_losses)]
+  rows = list(range(min(first, len(diffs))))
+  rows += [i for i in sorted(range(len(diffs)), key=lambda i: -diffs[i])
+           [:worst] if i not in rows]
+  lines = [f"{'step':>6}  {'fit loss':>12}  {'loop loss':>12}  {'|diff|':>10}"]
+  for i in rows:
+    lines.append(f"{i:>6}  {report.fit_losses[i]:>12.8f}  "
+                 f"{report.loop_losses[i]:>12.8f}  {diffs[i]:>10.3g}")
+  t = report.tolerance
+  lines += [
+      "",
+      f"mode: {report.mode} ({report.steps} steps, {report.dtype})",
+      f"max |loss diff|:   {report.max_loss_diff:.3g} at step "
+      f"{report.worst_step} (tolerance {t.loss:g})",
+      f"max |weight diff|: {report.max_weight_diff:.3g} in "
+      f"{report.worst_weight} (tolerance {t.weight:g})",
+      f"fit per-batch loss recovery error: {report.fit_loss_recovery_error:.3g}",
+  ]
+  if report.noise_floor_weight is not None:
+    lines.append(
+        f"noise floor (one-device fit vs itself with one weight moved one "
+        f"ulp): |loss diff| {report.noise_floor_loss:.3g}, |weight diff| "
+        f"{report.noise_floor_weight:.3g}")
+  lines += [
+      f"eval accuracy: loop {report.loop_eval['accuracy']:.6f} "
+      f"({report.loop_eval['correct']}/{report.loop_eval['count']}), "
+      f"model.evaluate {report.fit_eval['accuracy']:.6f} "
+      f"({report.fit_eval['correct']}/{report.fit_eval['count']})",
+      f"eval loss: loop {report.loop_eval['loss']:.8f}, model.evaluate "
+      f"{report.fit_eval['loss']:.8f} (tolerance {t.eval_loss:g})",
+  ]
+  lines += [f"FAIL: {f}" for f in report.failures]
+  lines.append("PASS" if report.passed else "FAIL")
+  return "\n".join(lines)

@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Proves the custom loop equals model.fit, step by step.
+
+  python scripts/verify_equivalence.py --replicas=2 [--fit_replicas=2] \
+      [--dataset=folder --data_dir=...] [--steps=200] [--json_out=report.json]
+
+Prints the first and worst steps, then a summary ending in PASS or FAIL; exits
+0 only on PASS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+
+import cli_common as cli  # noqa: E402  (scripts/cli_common.py)
+from research import options  # noqa: E402
+from research.errors import UserError  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+  """Defines this script's flags on ``fv``."""
+  cli.define_data_flags(fv, default_dataset="synthetic",
+                        synthetic_train_size=2048, synthetic_test_size=512)
+  flags.DEFINE_integer("batch_size", 32, "Global batch size.", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("steps", None,
+                       "Training steps (default: one epoch of the data).",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("replicas", 1,
+                       "Replicas of the loop's MirroredStrategy (logical CPUs "
+                       "without enough GPUs).", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("fit_replicas", 1,
+                       "Run fit under a strategy with this many replicas; "
+                       "the loop then uses the same strategy unless "
+                       "--replicas says otherwise.", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_float("l2", 0.0, "Kernel L2 regularization on both models.",
+                     lower_bound=0.0, flag_values=fv)
+  flags.DEFINE_bool("keep_short_batch", False,
+                    "Keep each epoch's last short batch.", flag_values=fv)
+  flags.DEFINE_integer("steps_per_loop", 50,
+                       "The loop's steps per tf.function call.",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_bool("jit_compile", False, "XLA on both sides.",
+                    flag_values=fv)
+  flags.DEFINE_float("learning_rate", 0.001, "Adam learning rate.",
+                     flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of initialization and data order.",
+                       flag_values=fv)
+  flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "float64"],
+                    "Precision of both models; auto: float64 when --replicas "
+                    "and --fit_replicas differ (float32 rounding is then "
+                    "amplified chaotically, see README), float32 otherwise.",
+                    flag_values=fv)
+  flags.DEFINE_bool("noise_floor", False,
+                    "Also train one-device fit against itself with one "
+                    "initial weight moved by one ulp, to show what rounding "
+                    "alone does over the run.", flag_values=fv)
+  flags.DEFINE_bool("onednn", False,
+                    "Keep oneDNN's graph rewrites on. They fuse ops "
+                    "differently inside the loop's multi-step while loop than "
+                    "in fit's single step, so kernels (not the algorithm) "
+                    "differ in the last bit.", flag_values=fv)
+  flags.DEFINE_string("json_out", None, "Also write the full report here.",
+                      flag_values=fv)
+  flags.DEFINE_enum("inject_fault", "none", options.FAULTS,
+                    "A deliberate bug in the loop, to show the check fails.",
+                    flag_values=fv)
+  flags.DEFINE_integer("fault_step", 0,
+                       "First step at which --inject_fault acts.",
+                       lower_bound=0, flag_values=fv)
+
+
+def main(argv):
+  del argv
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  replicas = FLAGS.replicas
+  if FLAGS.fit_replicas > 1 and not FLAGS["replicas"].present:
+    replicas = FLAGS.fit_replicas
+  need = max(replicas, FLAGS.fit_replicas)
+  # Must be decided before TensorFlow loads.
+  os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1" if FLAGS.onednn else "0"
+  import tensorflow as tf
+  from research import data as data_lib
+  from research import distribute
+  from research import equivalence
+  try:
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) < need:
+      distribute.configure_devices(cpu_replicas=need)
+    kind = "GPU" if len(gpus) >= need else "CPU"
+    if FLAGS.jit_compile and kind == "CPU" and need > 1:
+      raise UserError("--jit_compile with several logical CPU replicas is not "
+                      "supported by TensorFlow (an XLA cluster cannot use "
+                      "variables of another logical CPU); use it with one "
+                      "replica, or on GPUs")
+    devices = [d.name for d in tf.config.list_logical_devices(kind)]
+    if not FLAGS.jit_compile:
+      # TensorFlow refuses XLA's MaxPool gradient under op determinism; XLA
+      # on CPU is deterministic by itself.
+      tf.config.experimental.enable_op_determinism()
+    for r in (replicas, FLAGS.fit_replicas):
+      if FLAGS.batch_size % r:
+        raise UserError(f"--batch_size={FLAGS.batch_size} does not divide "
+                        f"over {r} replicas")
+    data = data_lib.load_data(
+        FLAGS.dataset, data_dir=FLAGS.data_dir, seed=FLAGS.seed,
+        synthetic_train_size=FLAGS.synthetic_train_size,
+        synthetic_test_size=FLAGS.synthetic_test_size)
+    config = equivalence.EquivalenceConfig(
+        global_batch_size=FLAGS.batch_size, steps=FLAGS.steps,
+        replicas=replicas, fit_replicas=FLAGS.fit_replicas, l2=FLAGS.l2,
+        keep_short_batch=FLAGS.keep_short_batch,
+        steps_per_loop=FLAGS.steps_per_loop, jit_compile=FLAGS.jit_compile,
+        learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
+        dtype=(equivalence.default_dtype(replicas, FLAGS.fit_replicas)
+               if FLAGS.dtype == "auto" else FLAGS.dtype),
+        noise_floor=FLAGS.noise_floor, fault=FLAGS.inject_fault, fault_step=FLAGS.fault_step)
+    print(f"loop: {replicas} replica(s), fit: {FLAGS.fit_replicas} "
+          f"replica(s) on {kind}; dataset {FLAGS.dataset}, batch "
+          f"{FLAGS.batch_size}, {config.dtype}, oneDNN "
+          f"{'on' if FLAGS.onednn else 'off'}", flush=True)
+    report = equivalence.run(config, data, devices)
+  except UserError as e:
+    cli.exit_with_error(str(e))
+  print(equivalence.format_report(report), flush=True)
+  if FLAGS.json_out:
+    payload = report.to_json()
+    payload["config"] = dataclasses.asdict(config)
+    payload["dataset"] = {"name": FLAGS.dataset, "data_dir": FLAGS.data_dir,
+                          "train_examples": len(data.train_labels),
+                          "test_examples": len(data.test_labels)}
+    from research.loop import write_json
+    write_json(FLAGS.json_out, payload)
+  return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

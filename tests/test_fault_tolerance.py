@@ -1,0 +1,293 @@
+"""Never lose a run: exact resume after SIGKILL, checkpoint fallback, NaN
+guard, determinism, and clear refusals of bad input."""
+
+import hashlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import (REPO, SCRIPTS, read_scalars, run_script,
+                      write_cifar_batches, write_image_folder)
+
+SMOKE = ["--flagfile=configs/smoke.flags", "--deterministic"]
+TRAIN_STEPS = [8, 16, 24, 32, 40, 48]
+EVAL_STEPS = [16, 32, 48]
+
+
+def _checkpoint_values(model_dir):
+  path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+  reader = tf.train.load_checkpoint(path)
+  return path, {name: reader.get_tensor(name)
+                for name, _ in tf.train.list_variables(path)
+                if not name.startswith("save_counter")
+                and name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+
+
+def _assert_bitwise_equal(dir_a, dir_b):
+  path_a, a = _checkpoint_values(dir_a)
+  path_b, b = _checkpoint_values(dir_b)
+  assert os.path.basename(path_a) == os.path.basename(path_b)
+  assert a.keys() == b.keys()
+  assert any("conv1" in k for k in a)
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def _assert_each_step_once(model_dir):
+  train = read_scalars(os.path.join(model_dir, "train"))
+  assert {"loss", "accuracy", "learning_rate"} <= set(train)
+  for tag in ("loss", "accuracy", "learning_rate"):
+    assert [s for s, _ in train[tag]] == TRAIN_STEPS, tag
+  evals = read_scalars(os.path.join(model_dir, "eval"))
+  for tag in ("loss", "accuracy"):
+    assert [s for s, _ in evals[tag]] == EVAL_STEPS, tag
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """An uninterrupted deterministic smoke run."""
+  model_dir = str(tmp_path_factory.mktemp("reference"))
+  run_script("train_loop.py", *SMOKE, "--synthetic_test_size=2048",
+             f"--model_dir={model_dir}", check=True)
+  return model_dir
+
+
+def test_two_deterministic_runs_are_bitwise_identical(tmp_path,
+                                                      reference_run):
+  model_dir = str(tmp_path / "again")
+  run_script("train_loop.py", *SMOKE, "--synthetic_test_size=2048",
+             f"--model_dir={model_dir}", check=True)
+  _assert_bitwise_equal(model_dir, reference_run)
+  with open(os.path.join(model_dir, "metrics.json")) as f:
+    again = json.load(f)
+  with open(os.path.join(reference_run, "metrics.json")) as f:
+    first = json.load(f)
+  assert again["eval_loss"] == first["eval_loss"]
+  a = read_scalars(os.path.join(model_dir, "train"))["loss"]
+  b = read_scalars(os.path.join(reference_run, "train"))["loss"]
+  assert a == b
+
+
+def _run_and_kill_after(line_prefix, args, timeout=180):
+  """Starts train_loop.py and SIGKILLs it as soon as it prints the line."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.Popen(
+      [sys.executable, "-u", os.path.join(SCRIPTS, "train_loop.py"), *args],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+      text=True)
+  seen = []
+  try:
+    for line in proc.stdout:
+      seen.append(line)
+      if line.startswith(line_prefix):
+        proc.send_signal(signal.SIGKILL)
+        break
+    proc.wait(timeout=timeout)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "".join(seen)
+  return seen
+
+
+@pytest.mark.parametrize("kill_after", [
+    "train step 24/48",  # mid-epoch, between checkpoints
+    "train step 32/48",  # the epoch's evaluation is running
+    "eval  step 16/48",  # summaries and the checkpoint are being written
+], ids=["mid_epoch", "during_eval", "during_checkpoint"])
+def test_sigkill_then_rerun_is_bitwise_identical(tmp_path, reference_run,
+                                                 kill_after):
+  model_dir = str(tmp_path / "killed")
+  args = [*SMOKE, "--synthetic_test_size=2048", f"--model_dir={model_dir}"]
+  _run_and_kill_after(kill_after, args)
+  assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
+  proc = run_script("train_loop.py", *args, check=True)
+  assert "resumed from" in proc.stdout or "train step 8/48" in proc.stdout
+  _assert_bitwise_equal(model_dir, reference_run)
+  _assert_each_step_once(model_dir)
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous(
+    tmp_path, reference_run):
+  model_dir = str(tmp_path / "damaged")
+  args = [*SMOKE, "--synthetic_test_size=2048", f"--model_dir={model_dir}"]
+  run_script("train_loop.py", *args, check=True)
+  data_file = os.path.join(model_dir, "checkpoints",
+                           "ckpt-48.data-00000-of-00001")
+  with open(data_file, "r+b") as f:
+    f.truncate(os.path.getsize(data_file) // 2)
+  proc = run_script("train_loop.py", *args, check=True)
+  assert "ckpt-48 is unreadable" in proc.stderr
+  assert "resumed from" in proc.stdout and "at step 32/48" in proc.stdout
+  _assert_bitwise_equal(model_dir, reference_run)
+  _assert_each_step_once(model_dir)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  model_dir = str(tmp_path / "nan")
+  args = [*SMOKE, f"--model_dir={model_dir}"]
+  run_script("train_loop.py", *args, "--epochs=1", check=True)
+  ckpt_dir = os.path.join(model_dir, "checkpoints")
+  before = {f: _digest(os.path.join(ckpt_dir, f)) for f in os.listdir(ckpt_dir)}
+  # The resumed run's first update with this rate overflows the weights, so
+  # the next step's loss is not finite.
+  proc = run_script("train_loop.py", *args, "--learning_rate=1e30")
+  assert proc.returncode == 3
+  assert "Traceback" not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: loss or gradient is not finite at step 18")
+  assert "ckpt-16" in last
+  after = {f: _digest(os.path.join(ckpt_dir, f)) for f in os.listdir(ckpt_dir)}
+  assert after == before
+  net_path, values = _checkpoint_values(model_dir)
+  assert net_path.endswith("ckpt-16")
+  assert all(np.all(np.isfinite(v)) for v in values.values()
+             if v.dtype.kind == "f")
+
+
+def test_nan_policy_skip_counts_and_goes_on(tmp_path):
+  model_dir = str(tmp_path / "skip")
+  args = [*SMOKE, f"--model_dir={model_dir}", "--nan_policy=skip"]
+  run_script("train_loop.py", *args, "--epochs=1", check=True)
+  run_script("train_loop.py", *args, "--learning_rate=1e30", check=True)
+  with open(os.path.join(model_dir, "metrics.json")) as f:
+    metrics = json.load(f)
+  # Step 17 applies the exploding update; every later step is skipped.
+  assert metrics["global_step"] == 48
+  assert metrics["skipped_steps"] == 31
+  assert metrics["optimizer_steps"] == 17
+  skipped = read_scalars(os.path.join(model_dir, "train"))["skipped_steps"]
+  assert skipped[-1] == (48, 31.0)
+
+
+def _digest(path):
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _snapshot(root):
+  return {os.path.relpath(os.path.join(d, f), root):
+          _digest(os.path.join(d, f))
+          for d, _, files in os.walk(root) for f in files}
+
+
+# Bad inputs ----------------------------------------------------------------
+
+
+def _folder(tmp_path, mutate=None):
+  root = write_image_folder(str(tmp_path / "images"))
+  if mutate:
+    mutate(tmp_path / "images")
+  return ["--dataset=folder", f"--data_dir={root}"]
+
+
+def _cifar(tmp_path, mutate=None):
+  write_cifar_batches(str(tmp_path / "cifar"))
+  if mutate:
+    mutate(tmp_path / "cifar" / "cifar-10-batches-py")
+  return ["--dataset=cifar10", f"--data_dir={tmp_path / 'cifar'}"]
+
+
+class _Exploit:
+  def __reduce__(self):
+    return (os.system, ("touch /tmp/should_never_exist",))
+
+
+def _write_pickle(path, obj):
+  with open(path, "wb") as f:
+    pickle.dump(obj, f)
+
+
+def _other_model_checkpoint(tmp_path, model_dir):
+  # A 3-class model trained into model_dir; the case then trains 10 classes.
+  run_script("train_loop.py", "--epochs=1", "--batch_size=4",
+             *_folder(tmp_path), f"--model_dir={model_dir}", check=True)
+  return ["--dataset=synthetic", "--synthetic_train_size=64",
+          "--synthetic_test_size=16"]
+
+
+def _zip(tmp_path):
+  path = tmp_path / "data.zip"
+  import zipfile
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("train/a/1.txt", "x")
+  return ["--dataset=folder", f"--data_dir={path}"]
+
+
+def _flagfile(tmp_path, text):
+  path = tmp_path / "bad.flags"
+  path.write_text(text)
+  return [f"--flagfile={path}"]
+
+
+BAD_INPUTS = {
+    "corrupt_image": (lambda t, m: _folder(t, lambda r: (
+        r / "train" / "dog" / "0.jpg").write_bytes(b"\xff\xd8garbage")),
+        "0.jpg"),
+    "text_file_named_png": (lambda t, m: _folder(t, lambda r: (
+        r / "test" / "cat" / "notes.png").write_text("hello")), "notes.png"),
+    "empty_class_folder": (lambda t, m: _folder(t, lambda r: os.makedirs(
+        r / "train" / "empty")), "holds no"),
+    "mixed_image_sizes": (lambda t, m: _folder(t, lambda r: tf.io.write_file(
+        str(r / "train" / "cat" / "big.png"),
+        tf.io.encode_png(tf.zeros((40, 40, 3), tf.uint8)))), "big.png is 40x40"),
+    "missing_test_split": (lambda t, m: _folder(t, lambda r: os.rename(
+        r / "test", r / "tests")), "no test/ subfolder"),
+    "data_dir_is_a_zip": (lambda t, m: _zip(t), "is a zip file"),
+    "bad_resize_value": (lambda t, m: _folder(t) + ["--resize_images=big"],
+                         "is not HEIGHTxWIDTH"),
+    "cifar_label_out_of_range": (lambda t, m: _cifar(t, lambda r: _write_pickle(
+        r / "data_batch_2", {b"data": np.zeros((2, 3072), np.uint8),
+                             b"labels": [3, 11]})), "label 11"),
+    "cifar_truncated_batch": (lambda t, m: _cifar(t, lambda r: open(
+        r / "data_batch_4", "r+b").truncate(100)), "data_batch_4"),
+    "cifar_malicious_pickle": (lambda t, m: _cifar(t, lambda r: _write_pickle(
+        r / "test_batch", {b"data": _Exploit()})), "refusing to load"),
+    "cifar_missing_batches": (lambda t, m: _cifar(t, lambda r: os.remove(
+        r / "data_batch_1")), "no CIFAR-10 python batches"),
+    "data_dir_is_a_file": (lambda t, m: ["--dataset=cifar10",
+                                         f"--data_dir={REPO}/README.md"],
+                           "is a file"),
+    "flagfile_missing": (lambda t, m: ["--flagfile=/no/such.flags"],
+                         "such.flags"),
+    "flagfile_unknown_flag": (lambda t, m: _flagfile(t, "--epochs=1\n--lr=3\n"),
+                              "lr"),
+    "model_dir_of_another_model": (_other_model_checkpoint,
+                                   "checkpoint of a different model"),
+    "batch_larger_than_data": (lambda t, m: [
+        "--dataset=synthetic", "--synthetic_train_size=20",
+        "--batch_size=32"], "exceeds the 20 training examples"),
+    "deterministic_with_xla": (lambda t, m: [
+        "--dataset=synthetic", "--deterministic", "--jit_compile=true"],
+        "--deterministic cannot be combined with XLA"),
+    "non_positive_epochs": (lambda t, m: ["--epochs=0"],
+                            "--epochs must be a positive"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gets_one_clear_line_and_changes_nothing(tmp_path, case):
+  make_args, message = BAD_INPUTS[case]
+  model_dir = tmp_path / "run"
+  model_dir.mkdir()
+  (model_dir / "notes.txt").write_text("written before")
+  args = make_args(tmp_path, str(model_dir))
+  before = _snapshot(str(model_dir))
+  proc = run_script("train_loop.py", *args, f"--model_dir={model_dir}",
+                    timeout=120)
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  assert "Traceback" not in proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  errors = [l for l in lines if l.startswith("error: ")]
+  assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
+  assert message in errors[0], errors[0]
+  assert _snapshot(str(model_dir)) == before
+  assert not os.path.exists("/tmp/should_never_exist")
