@@ -111,9 +111,19 @@ class CheckpointKeeper:
     Returns:
       The saved checkpoint's path (on a non-chief worker, a removed temporary
       path).
+
+    Raises:
+      UserError: if the save fails (a full or read-only disk).
     """
     if self.is_chief:
-      return self.manager.save(checkpoint_number=step)
+      try:
+        return self.manager.save(checkpoint_number=step)
+      except (tf.errors.OpError, OSError) as e:
+        raise UserError(
+            f"could not save the checkpoint of step {step} in "
+            f"{self.directory} ({_first_line(e)}); the earlier checkpoints "
+            f"are intact: free space or fix the folder, then re-run the "
+            f"same command to resume") from None
     scratch = tempfile.mkdtemp(prefix="worker_ckpt_")
     try:
       return self.checkpoint.write(os.path.join(scratch, f"ckpt-{step}"))

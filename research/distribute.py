@@ -66,6 +66,12 @@ def create_strategy(name: str = "auto", *, num_gpus: int | None = None,
   if name not in STRATEGIES:
     raise UserError(f"unknown strategy {name!r}; choose one of "
                     f"{', '.join(STRATEGIES)}")
+  # These two must come before anything initializes TensorFlow's devices
+  # (listing logical devices does).
+  if name == "multi_worker_mirrored":
+    return _multi_worker_strategy(cpu_replicas)
+  if name == "tpu":
+    return _tpu_strategy(tpu)
   gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
   if num_gpus is not None:
     gpus = gpus[:num_gpus]
@@ -75,10 +81,6 @@ def create_strategy(name: str = "auto", *, num_gpus: int | None = None,
   else:
     replica_devices = gpus
 
-  if name == "multi_worker_mirrored":
-    raise UserError("--strategy=multi_worker_mirrored is not supported yet")
-  if name == "tpu":
-    raise UserError("--strategy=tpu is not supported yet")
   if name == "one_device":
     return tf.distribute.OneDeviceStrategy(gpus[0] if gpus else cpus[0])
   if name == "mirrored":
@@ -87,6 +89,37 @@ def create_strategy(name: str = "auto", *, num_gpus: int | None = None,
   if len(replica_devices) >= 2:
     return tf.distribute.MirroredStrategy(replica_devices)
   return tf.distribute.OneDeviceStrategy(gpus[0] if gpus else cpus[0])
+
+
+def _multi_worker_strategy(cpu_replicas: int) -> tf.distribute.Strategy:
+  """``MultiWorkerMirroredStrategy`` over the cluster in ``TF_CONFIG``."""
+  resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+  cluster = resolver.cluster_spec().as_dict()
+  if not cluster:
+    raise UserError(
+        "--strategy=multi_worker_mirrored needs TF_CONFIG describing the "
+        "cluster (see BUILD.md), or use scripts/launch_local.py")
+  if cpu_replicas > 1:
+    # TensorFlow's collective strategy uses exactly one CPU device per
+    # worker when there is no GPU (collective_all_reduce_strategy.py,
+    # _initialize_local_devices), so logical CPUs cannot be replicas here.
+    raise UserError(
+        "--cpu_replicas > 1 is not supported with "
+        "--strategy=multi_worker_mirrored: TensorFlow uses one CPU device per "
+        "worker; start more workers instead")
+  return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+
+
+def _tpu_strategy(tpu: str) -> tf.distribute.Strategy:
+  """``TPUStrategy`` on the TPU named by ``tpu`` (untested here: no TPU)."""
+  try:
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+  except (ValueError, tf.errors.OpError) as e:
+    raise UserError(f"cannot reach a TPU (--tpu={tpu!r}): "
+                    f"{str(e).splitlines()[0] if str(e) else e}") from None
+  return tf.distribute.TPUStrategy(resolver)
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

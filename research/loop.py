@@ -21,6 +21,7 @@ import tensorflow as tf
 from research import data as data_lib
 from research import distribute
 from research import model as model_lib
+from research import preemption
 from research import steps as steps_lib
 from research.checkpoints import CheckpointKeeper
 from research.errors import UserError
@@ -135,6 +136,8 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
     UserError: if the model directory holds an incompatible checkpoint.
     NonFiniteLossError: on a non-finite loss or gradient with
       ``nan_policy="stop"``; nothing is saved.
+    preemption.Preempted: after a SIGTERM, once the checkpoint of the
+      current step is saved.
   """
   start_time = time.time()
   chief = distribute.is_chief(strategy)
@@ -209,86 +212,97 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
   def boundary_after(s, every):
     return (s // every + 1) * every if every else total_steps
 
-  train_seconds, train_examples, calls = 0.0, 0, 0
-  last_eval = None
-  while step < total_steps:
-    n = min(config.steps_per_loop, total_steps - step,
-            boundary_after(step, spe) - step,
-            boundary_after(step, config.eval_every_steps) - step,
-            boundary_after(step, config.checkpoint_every_steps) - step)
-    t0 = time.time()
-    out = runner.train_steps(iterator, tf.constant(n, tf.int32))
-    losses = out["step_losses"].numpy()
-    seconds = time.time() - t0
-    bad_step = int(out["nonfinite_step"])
-    if bad_step >= 0 and config.nan_policy == "stop":
-      last = keeper.manager.latest_checkpoint if chief else None
-      raise NonFiniteLossError(
-          f"loss or gradient is not finite at step {step + bad_step + 1}; "
-          f"training stopped without saving (the last good checkpoint is "
-          f"{last or 'none'}); lower --learning_rate, check the data, or "
-          f"pass --nan_policy=skip")
-    count = int(out["count"])
-    step += n
-    global_step.assign(step)
-    skipped_steps.assign_add(int(out["skipped"]))
-    calls += 1
-    # The first call includes tracing; leave it out of the mean rate.
-    if calls > 1 or step >= total_steps:
-      train_seconds += seconds
-      train_examples += count
-    examples_per_second = count / max(seconds, 1e-9)
-    recent_rate = (train_examples / train_seconds if train_seconds
-                   else examples_per_second)
-    eta = (total_steps - step) * config.global_batch_size / max(recent_rate,
-                                                                1e-9)
-    finite = losses[np.isfinite(losses)]
-    loss = float(finite.mean()) if len(finite) else float("nan")
-    accuracy = int(out["correct"]) / max(count, 1)
-    lr = float(tf.convert_to_tensor(optimizer.learning_rate))
-    train_scalars = {"loss": loss, "accuracy": accuracy, "learning_rate": lr,
-                     "examples_per_second": examples_per_second}
-    if config.nan_policy == "skip":
-      train_scalars["skipped_steps"] = int(skipped_steps.numpy())
-    summaries.scalars("train", train_scalars, step)
-    skipped_note = (f" skipped {int(skipped_steps.numpy())}"
-                    if int(skipped_steps.numpy()) else "")
-    log(f"train step {step}/{total_steps} epoch {step / spe:.2f} "
-        f"loss {loss:.4f} accuracy {accuracy:.4f} "
-        f"{examples_per_second:,.0f} ex/s ETA {_format_duration(eta)}"
-        f"{skipped_note}")
+  watcher = preemption.PreemptionWatcher(strategy)
+  try:
+    train_seconds, train_examples, calls = 0.0, 0, 0
+    last_eval = None
+    while step < total_steps:
+      n = min(config.steps_per_loop, total_steps - step,
+              boundary_after(step, spe) - step,
+              boundary_after(step, config.eval_every_steps) - step,
+              boundary_after(step, config.checkpoint_every_steps) - step)
+      t0 = time.time()
+      out = runner.train_steps(iterator, tf.constant(n, tf.int32))
+      losses = out["step_losses"].numpy()
+      seconds = time.time() - t0
+      bad_step = int(out["nonfinite_step"])
+      if bad_step >= 0 and config.nan_policy == "stop":
+        last = keeper.manager.latest_checkpoint if chief else None
+        raise NonFiniteLossError(
+            f"loss or gradient is not finite at step {step + bad_step + 1}; "
+            f"training stopped without saving (the last good checkpoint is "
+            f"{last or 'none'}); lower --learning_rate, check the data, or "
+            f"pass --nan_policy=skip")
+      count = int(out["count"])
+      step += n
+      global_step.assign(step)
+      skipped_steps.assign_add(int(out["skipped"]))
+      calls += 1
+      # The first call includes tracing; leave it out of the mean rate.
+      if calls > 1 or step >= total_steps:
+        train_seconds += seconds
+        train_examples += count
+      examples_per_second = count / max(seconds, 1e-9)
+      recent_rate = (train_examples / train_seconds if train_seconds
+                     else examples_per_second)
+      eta = (total_steps - step) * config.global_batch_size / max(recent_rate,
+                                                                  1e-9)
+      finite = losses[np.isfinite(losses)]
+      loss = float(finite.mean()) if len(finite) else float("nan")
+      accuracy = int(out["correct"]) / max(count, 1)
+      lr = float(tf.convert_to_tensor(optimizer.learning_rate))
+      train_scalars = {"loss": loss, "accuracy": accuracy, "learning_rate": lr,
+                       "examples_per_second": examples_per_second}
+      if config.nan_policy == "skip":
+        train_scalars["skipped_steps"] = int(skipped_steps.numpy())
+      summaries.scalars("train", train_scalars, step)
+      skipped_note = (f" skipped {int(skipped_steps.numpy())}"
+                      if int(skipped_steps.numpy()) else "")
+      log(f"train step {step}/{total_steps} epoch {step / spe:.2f} "
+          f"loss {loss:.4f} accuracy {accuracy:.4f} "
+          f"{examples_per_second:,.0f} ex/s ETA {_format_duration(eta)}"
+          f"{skipped_note}")
 
-    if step % spe == 0 or (config.eval_every_steps and
-                           step % config.eval_every_steps == 0):
+      if step % spe == 0 or (config.eval_every_steps and
+                             step % config.eval_every_steps == 0):
+        last_eval = (step, evaluate(step))
+      if step == total_steps or (config.checkpoint_every_steps and
+                                 step % config.checkpoint_every_steps == 0):
+        summaries.commit()
+        keeper.save(step)
+      elif not config.checkpoint_every_steps:
+        summaries.commit()
+      if step < total_steps and watcher.should_stop():
+        summaries.commit()
+        path = keeper.save(step)
+        summaries.close()
+        log(f"stopped by SIGTERM at step {step}/{total_steps}; checkpoint "
+            f"saved; run the same command to resume")
+        raise preemption.Preempted(step, path)
+
+    if last_eval is None:
+      # Only reached when the restored run was already complete; its final
+      # evaluation is in the event files (and is not written twice).
       last_eval = (step, evaluate(step))
-    if step == total_steps or (config.checkpoint_every_steps and
-                               step % config.checkpoint_every_steps == 0):
-      summaries.commit()
-      keeper.save(step)
-    elif not config.checkpoint_every_steps:
-      summaries.commit()
-
-  if last_eval is None:
-    # Only reached when the restored run was already complete; its final
-    # evaluation is in the event files (and is not written twice).
-    last_eval = (step, evaluate(step))
-  summaries.close()
-  result = last_eval[1]
-  metrics = {
-      "eval_accuracy": result["accuracy"],
-      "eval_loss": result["loss"],
-      "eval_correct": result["correct"],
-      "eval_count": result["count"],
-      "global_step": step,
-      "optimizer_steps": int(optimizer.iterations.numpy()),
-      "skipped_steps": int(skipped_steps.numpy()),
-      "epochs": config.epochs,
-      "steps_per_epoch": spe,
-      "wall_seconds": time.time() - start_time,
-      "train_examples_per_second": (train_examples / train_seconds
-                                    if train_seconds else None),
-      "num_replicas": strategy.num_replicas_in_sync,
-  }
-  if chief:
-    write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
-  return metrics
+    summaries.close()
+    result = last_eval[1]
+    metrics = {
+        "eval_accuracy": result["accuracy"],
+        "eval_loss": result["loss"],
+        "eval_correct": result["correct"],
+        "eval_count": result["count"],
+        "global_step": step,
+        "optimizer_steps": int(optimizer.iterations.numpy()),
+        "skipped_steps": int(skipped_steps.numpy()),
+        "epochs": config.epochs,
+        "steps_per_epoch": spe,
+        "wall_seconds": time.time() - start_time,
+        "train_examples_per_second": (train_examples / train_seconds
+                                      if train_seconds else None),
+        "num_replicas": strategy.num_replicas_in_sync,
+    }
+    if chief:
+      write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
+    return metrics
+  finally:
+    watcher.close()

@@ -105,6 +105,7 @@ def main(argv):
   # is reported without its start-up chatter.
   from research import data as data_lib
   from research import distribute
+  from research import preemption
   try:
     model_dir = cli.resolve_model_dir(FLAGS)
     distribute.configure_devices(cpu_replicas=FLAGS.cpu_replicas)
@@ -126,6 +127,9 @@ def main(argv):
                          run_files={"flags.json": FLAGS.flag_values_dict()})
   except UserError as e:
     cli.exit_with_error(str(e), status=cli.exit_status(e))
+  except preemption.Preempted as e:
+    sys.stderr.write(f"{e}; run the same command to resume\n")
+    sys.exit(preemption.PREEMPTED_EXIT_STATUS)
   print(f"done: eval accuracy {metrics['eval_accuracy']:.4f} "
         f"loss {metrics['eval_loss']:.4f} at step {metrics['global_step']} "
         f"in {metrics['wall_seconds']:.0f}s", flush=True)

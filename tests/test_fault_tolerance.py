@@ -291,3 +291,24 @@ def test_bad_input_gets_one_clear_line_and_changes_nothing(tmp_path, case):
   assert message in errors[0], errors[0]
   assert _snapshot(str(model_dir)) == before
   assert not os.path.exists("/tmp/should_never_exist")
+
+
+def test_a_failed_save_keeps_earlier_checkpoints(tmp_path):
+  from research.checkpoints import CheckpointKeeper
+  from research.errors import UserError
+  v = tf.Variable(1.0)
+  keeper = CheckpointKeeper(checkpoint=tf.train.Checkpoint(v=v),
+                            directory=str(tmp_path / "ckpts"), max_to_keep=2)
+  keeper.save(1)
+  before = _snapshot(str(tmp_path / "ckpts"))
+
+  # Block the save's temporary output (TensorFlow writes <prefix>_temp/
+  # first), as a full or failing disk would.
+  (tmp_path / "ckpts" / "ckpt-2_temp").write_text("in the way")
+  before = _snapshot(str(tmp_path / "ckpts"))
+  with pytest.raises(UserError, match="earlier checkpoints are intact"):
+    keeper.save(2)
+  assert _snapshot(str(tmp_path / "ckpts")) == before
+  v.assign(5.0)
+  assert keeper.restore_latest().endswith("ckpt-1")
+  assert float(v) == 1.0

@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Runs a multi-worker job on this machine: N train_loop.py processes.
+
+  python scripts/launch_local.py --num_workers=2 -- --flagfile=configs/smoke.flags \
+      --model_dir=/tmp/mw
+
+Each worker gets a TF_CONFIG naming every worker at a free 127.0.0.1 port and
+its own index, and --strategy=multi_worker_mirrored. Their output lines are
+prefixed with [worker i]. If a worker fails, the others are stopped and the
+launcher exits non-zero, naming it. SIGTERM (or Ctrl-C) is passed on to every
+worker, which saves a checkpoint and exits with status 143; so does the
+launcher then.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+import cli_common as cli  # noqa: E402  (scripts/cli_common.py)
+
+FLAGS = flags.FLAGS
+TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                            "train_loop.py")
+PREEMPTED_EXIT_STATUS = 143  # As research.preemption; no TensorFlow here.
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+  """Defines this script's flags on ``fv``."""
+  flags.DEFINE_integer("num_workers", 2, "Worker processes to start.",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_float("grace_seconds", 20.0,
+                     "After a failure or SIGTERM, how long workers get to "
+                     "exit before they are killed.", lower_bound=0,
+                     flag_values=fv)
+
+
+def free_ports(count: int) -> list[int]:
+  """Ports on 127.0.0.1 that were free a moment ago."""
+  sockets, ports = [], []
+  for _ in range(count):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    sockets.append(s)
+    ports.append(s.getsockname()[1])
+  for s in sockets:
+    s.close()
+  return ports
+
+
+def tf_config(ports: list[int], index: int) -> str:
+  """The TF_CONFIG of worker ``index`` in a local cluster."""
+  return json.dumps({
+      "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+      "task": {"type": "worker", "index": index}})
+
+
+def _pump(name: str, stream, out) -> None:
+  for line in stream:
+    out.write(f"[{name}] {line}")
+    out.flush()
+
+
+def describe_status(code: int) -> str:
+  if code < 0:
+    return f"status {code} (killed by {signal.Signals(-code).name})"
+  return f"status {code}"
+
+
+def _stop(workers, sig, grace_seconds):
+  for proc in workers:
+    if proc.poll() is None:
+      try:
+        os.killpg(proc.pid, sig)
+      except ProcessLookupError:
+        pass
+  deadline = time.time() + grace_seconds
+  for proc in workers:
+    try:
+      proc.wait(timeout=max(0.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+
+
+def launch(num_workers: int, train_args: list[str], grace_seconds: float
+           ) -> int:
+  """Starts the workers, relays their output, and waits for them.
+
+  Returns:
+    0 if every worker succeeded; 143 if they stopped on SIGTERM; otherwise
+    the failing worker's status (or 1 for a signal).
+  """
+  ports = free_ports(num_workers)
+  workers = []
+  stop_signal = []
+
+  def on_signal(signum, frame):
+    del frame
+    stop_signal.append(signum)
+
+  signal.signal(signal.SIGTERM, on_signal)
+  signal.signal(signal.SIGINT, on_signal)
+  for i in range(num_workers):
+    env = dict(os.environ, TF_CONFIG=tf_config(ports, i))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    proc = subprocess.Popen(
+        [sys.executable, "-u", TRAIN_SCRIPT, *train_args,
+         "--strategy=multi_worker_mirrored"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)  # Its own group: killed with its children.
+    threading.Thread(target=_pump, args=(f"worker {i}", proc.stdout,
+                                         sys.stdout), daemon=True).start()
+    workers.append(proc)
+  print(f"launched {num_workers} workers on 127.0.0.1 ports "
+        f"{', '.join(map(str, ports))} (pids "
+        f"{', '.join(str(p.pid) for p in workers)})", flush=True)
+
+  forwarded = False
+  while True:
+    if stop_signal and not forwarded:
+      forwarded = True
+      print("launcher: passing SIGTERM to every worker", flush=True)
+      for proc in workers:
+        if proc.poll() is None:
+          os.killpg(proc.pid, signal.SIGTERM)
+    codes = [proc.poll() for proc in workers]
+    failed = [(i, c) for i, c in enumerate(codes)
+              if c not in (None, 0, PREEMPTED_EXIT_STATUS)]
+    if failed:
+      i, code = failed[0]
+      sys.stderr.write(f"error: worker {i} exited with {describe_status(code)}"
+                       f"; stopping the other workers\n")
+      _stop(workers, signal.SIGTERM, grace_seconds)
+      return code if code > 0 else 1
+    if all(c is not None for c in codes):
+      if any(c == PREEMPTED_EXIT_STATUS for c in codes):
+        print("launcher: workers saved a checkpoint and stopped; run the same "
+              "command to resume", flush=True)
+        return PREEMPTED_EXIT_STATUS
+      return 0
+    time.sleep(0.2)
+
+
+def main(argv):
+  train_args = argv[1:]
+  if not train_args:
+    cli.exit_with_error("give the train_loop.py flags after --, e.g. "
+                        "-- --flagfile=configs/smoke.flags --model_dir=/tmp/mw")
+  sys.exit(launch(FLAGS.num_workers, train_args, FLAGS.grace_seconds))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

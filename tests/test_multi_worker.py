@@ -1,0 +1,141 @@
+"""MultiWorkerMirroredStrategy through scripts/launch_local.py, on loopback.
+
+oneDNN's graph rewrites are turned off in these runs: they fuse kernels
+differently depending on the surrounding graph (collective ops vs local
+copies), which alone makes float32 results differ in the last bit. Without
+them 2 workers and 2 local replicas compute bitwise the same thing.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO, SCRIPTS, read_scalars, run_script
+
+SMOKE = ["--flagfile=configs/smoke.flags", "--deterministic"]
+ENV = {"TF_ENABLE_ONEDNN_OPTS": "0"}
+
+
+def _model_weights(model_dir):
+  path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+  reader = tf.train.load_checkpoint(path)
+  return path, {n: reader.get_tensor(n) for n, _ in tf.train.list_variables(path)
+                if n.startswith("model/")}
+
+
+def _launch(tmp_path, *train_args, workers=2):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TMPDIR=str(tmp_path / "tmp"),
+             **ENV)
+  os.makedirs(env["TMPDIR"], exist_ok=True)
+  return subprocess.Popen(
+      [sys.executable, "-u", os.path.join(SCRIPTS, "launch_local.py"),
+       f"--num_workers={workers}", "--", *train_args],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  return True
+
+
+def test_two_workers_match_two_local_replicas(tmp_path):
+  mw_dir = str(tmp_path / "multi_worker")
+  proc = _launch(tmp_path, *SMOKE, f"--model_dir={mw_dir}")
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out + err
+  assert "[worker 0] done" in out and "[worker 1] done" in out
+  assert "CollectiveAllReduceStrategy x2" in out
+
+  mirrored_dir = str(tmp_path / "mirrored")
+  run_script("train_loop.py", *SMOKE, "--cpu_replicas=2",
+             f"--model_dir={mirrored_dir}", env=ENV, check=True)
+  path_a, a = _model_weights(mw_dir)
+  path_b, b = _model_weights(mirrored_dir)
+  assert path_a.endswith("ckpt-48") and path_b.endswith("ckpt-48")
+  assert len(a) == 10
+  assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-5
+  with open(os.path.join(mw_dir, "metrics.json")) as f:
+    mw = json.load(f)
+  with open(os.path.join(mirrored_dir, "metrics.json")) as f:
+    mirrored = json.load(f)
+  assert mw["global_step"] == 48 and mw["num_replicas"] == 2
+  assert abs(mw["eval_loss"] - mirrored["eval_loss"]) <= 1e-5
+  loss_a = read_scalars(os.path.join(mw_dir, "train"))["loss"]
+  loss_b = read_scalars(os.path.join(mirrored_dir, "train"))["loss"]
+  assert [s for s, _ in loss_a] == [s for s, _ in loss_b]
+  assert max(abs(x - y) for (_, x), (_, y) in zip(loss_a, loss_b)) <= 1e-5
+
+  # One set of outputs: only the chief wrote events; no worker leftovers.
+  for split in ("train", "eval"):
+    assert len(os.listdir(os.path.join(mw_dir, split))) == 1
+  assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_a_killed_worker_stops_the_job_within_60s(tmp_path):
+  proc = _launch(tmp_path, *SMOKE, "--epochs=200",
+                 f"--model_dir={tmp_path / 'killed'}")
+  pids = []
+  try:
+    for line in proc.stdout:
+      match = re.search(r"\(pids (\d+), (\d+)\)", line)
+      if match:
+        pids = [int(match.group(1)), int(match.group(2))]
+      if line.startswith("[worker 1] train step"):
+        break
+    assert pids, "the launcher did not report its workers"
+    os.kill(pids[1], signal.SIGKILL)
+    start = time.time()
+    _, err = proc.communicate(timeout=90)
+    elapsed = time.time() - start
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode != 0
+  assert elapsed < 60, elapsed
+  assert "error: worker 1 exited with status -9 (killed by SIGKILL)" in err
+  assert not any(_alive(pid) for pid in pids)
+
+
+def test_sigterm_saves_and_a_rerun_resumes(tmp_path):
+  model_dir = str(tmp_path / "preempted")
+  args = [*SMOKE, "--epochs=20", f"--model_dir={model_dir}"]
+  proc = _launch(tmp_path, *args)
+  try:
+    for line in proc.stdout:
+      if line.startswith("[worker 0] train step 24/"):
+        proc.send_signal(signal.SIGTERM)
+        break
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 143, out + err
+  assert "[worker 0] stopped by SIGTERM at step" in out
+  assert "[worker 1] stopped by SIGTERM at step" in out
+  saved = int(re.search(r"stopped by SIGTERM at step (\d+)", out).group(1))
+  assert 24 <= saved < 320 and saved % 8 == 0
+  assert tf.train.latest_checkpoint(
+      os.path.join(model_dir, "checkpoints")).endswith(f"ckpt-{saved}")
+  assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
+
+  rerun = _launch(tmp_path, *args)
+  out, err = rerun.communicate(timeout=300)
+  assert rerun.returncode == 0, out + err
+  assert f"at step {saved}/320" in out
+  with open(os.path.join(model_dir, "metrics.json")) as f:
+    assert json.load(f)["global_step"] == 320
+  steps = [s for s, _ in read_scalars(os.path.join(model_dir, "train"))["loss"]]
+  assert steps == list(range(8, 321, 8))
+  assert os.listdir(tmp_path / "tmp") == []
