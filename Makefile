@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 FLAGS ?= configs/cifar10.flags
 ARGS ?=
 
-.PHONY: install train smoke test clean
+.PHONY: install train smoke test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ smoke: install
 
 test: install
 	$(PY) -m pytest tests
+
+# Loop vs model.fit throughput (BENCHMARKS.md). Real data:
+# make bench ARGS="--dataset=folder --data_dir=/tmp/cifar10-jpeg"
+bench: install
+	$(PY) scripts/benchmark.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

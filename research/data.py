@@ -511,12 +511,12 @@ def make_train_dataset(data: ArrayData, *, global_batch_size: int, seed: int,
 
   ds = (tf.data.Dataset.range(start_epoch, num_epochs)
         .flat_map(epoch_batches)
-        .skip(skip)
-        .enumerate(start=start_step)
-        .map(draw_augmentation))
+        .skip(skip))
+  if augment:
+    ds = ds.enumerate(start=start_step).map(draw_augmentation)
   ds = _split_for_replicas(ds, global_batch_size, input_context)
 
-  def load(index, offsets, flips):
+  def load(index, offsets=None, flips=None):
     x = _to_float(tf.gather(images, index))
     if augment:
       x = _augment(x, offsets, flips)

@@ -57,6 +57,9 @@ FLOAT64_REASON = (
     "real mistake (a loss not scaled for the replicas) still shows at once.")
 
 
+DTYPES = ("float32", "float64", "mixed_float16", "mixed_bfloat16")
+
+
 def default_dtype(replicas: int, fit_replicas: int) -> str:
   """float64 when the replica counts differ (see ``FLOAT64_REASON``)."""
   return "float64" if replicas != fit_replicas else "float32"
@@ -84,8 +87,10 @@ class EquivalenceConfig:
     jit_compile: XLA on both sides.
     learning_rate: Adam's learning rate on both sides.
     seed: Seed of initialization and data order.
-    dtype: ``float32``, or ``float64`` for both models and losses (see
-      ``FLOAT64_REASON``).
+    dtype: ``float32``; ``float64`` for both models and losses (see
+      ``FLOAT64_REASON``); or a mixed policy, ``mixed_float16`` (both sides
+      with a ``LossScaleOptimizer``: ``compile`` adds one by itself) or
+      ``mixed_bfloat16``.
     noise_floor: Also measure what float rounding alone does: one-device
       ``fit`` against itself with one initial weight moved by one ulp.
     fault: A deliberate bug in the loop (to show the check can fail).
@@ -107,8 +112,8 @@ class EquivalenceConfig:
   fault_step: int = 0
 
   def __post_init__(self):
-    if self.dtype not in ("float32", "float64"):
-      raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
     if self.fault not in FAULTS:
       raise ValueError(f"fault must be one of {FAULTS}, got {self.fault!r}")
     for name in ("global_batch_size", "replicas", "fit_replicas",
@@ -206,7 +211,8 @@ def _keras_dtype(dtype: str):
   previous_policy = tf.keras.config.dtype_policy()
   previous_floatx = tf.keras.config.floatx()
   tf.keras.config.set_dtype_policy(dtype)
-  tf.keras.config.set_floatx(dtype)
+  if not dtype.startswith("mixed"):  # Mixed policies keep float32 variables.
+    tf.keras.config.set_floatx(dtype)
   try:
     yield
   finally:
@@ -223,6 +229,8 @@ def _run_loop(config, data, strategy, initial_weights, train_dataset,
     for w, value in zip(net.weights, initial_weights):
       w.assign(value)
     optimizer = tf.keras.optimizers.Adam(learning_rate=config.learning_rate)
+    if config.dtype == "mixed_float16":
+      optimizer = tf.keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(net.trainable_variables)
     kwargs = dict(strategy=strategy, model=net, optimizer=optimizer,
                   global_batch_size=config.global_batch_size,

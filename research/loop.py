@@ -51,6 +51,8 @@ class TrainConfig:
       configuration give bitwise-identical weights.
     nan_policy: ``stop`` or ``skip`` a step whose loss or gradient is not
       finite (see ``steps.StepRunner``).
+    mixed_precision: Keras dtype policy: ``float32``, ``mixed_float16``
+      (with a ``LossScaleOptimizer``) or ``mixed_bfloat16``.
   """
   model_dir: str
   epochs: int = 10
@@ -67,6 +69,7 @@ class TrainConfig:
   l2: float = 0.0
   deterministic: bool = False
   nan_policy: str = "stop"
+  mixed_precision: str = "float32"
 
   def __post_init__(self):
     for name in ("epochs", "global_batch_size", "steps_per_loop",
@@ -81,6 +84,9 @@ class TrainConfig:
     if self.nan_policy not in steps_lib.NAN_POLICIES:
       raise ValueError(f"nan_policy must be one of {steps_lib.NAN_POLICIES}, "
                        f"got {self.nan_policy!r}")
+    if self.mixed_precision not in model_lib.PRECISIONS:
+      raise ValueError(f"mixed_precision must be one of "
+                       f"{model_lib.PRECISIONS}, got {self.mixed_precision!r}")
     if self.deterministic and self.jit_compile:
       raise ValueError("deterministic and jit_compile cannot both be on: "
                        "TensorFlow has no deterministic XLA MaxPool gradient")
@@ -153,9 +159,14 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
   tf.keras.utils.set_random_seed(config.seed)
   with strategy.scope():
     model = model_lib.build(
-        model_lib.ConvNet(num_classes=data.num_classes, l2=config.l2),
+        model_lib.ConvNet(num_classes=data.num_classes, l2=config.l2,
+                          dtype=config.mixed_precision),
         data.image_shape)
     optimizer = tf.keras.optimizers.Adam(learning_rate=config.learning_rate)
+    if config.mixed_precision == "mixed_float16":
+      # float16 gradients underflow without loss scaling; bfloat16's range
+      # is float32's, so it needs none.
+      optimizer = tf.keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(model.trainable_variables)
     runner = steps_lib.StepRunner(
         strategy=strategy, model=model, optimizer=optimizer,

@@ -16,31 +16,41 @@ IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
 
 
-def _layer_stack(num_classes: int, l2: float) -> list[tf.keras.layers.Layer]:
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+def _layer_stack(num_classes: int, l2: float, dtype: str | None
+                 ) -> list[tf.keras.layers.Layer]:
   """The seed's layers, in order, shared by both model forms."""
   reg = tf.keras.regularizers.L2(l2) if l2 else None
+  # Under a mixed policy the logits layer still computes in float32, so the
+  # softmax and loss never see float16 overflow or underflow.
+  policy = dtype or tf.keras.config.dtype_policy().name
+  logits_dtype = "float32" if policy.startswith("mixed") else dtype
 
   def conv(filters, name):
     return tf.keras.layers.Conv2D(
-        filters, (3, 3), activation="relu", kernel_regularizer=reg, name=name)
+        filters, (3, 3), activation="relu", kernel_regularizer=reg, name=name,
+        dtype=dtype)
 
-  def dense(units, activation, name):
+  def dense(units, activation, name, layer_dtype=dtype):
     return tf.keras.layers.Dense(
-        units, activation=activation, kernel_regularizer=reg, name=name)
+        units, activation=activation, kernel_regularizer=reg, name=name,
+        dtype=layer_dtype)
 
   return [
       conv(32, "conv1"),
-      tf.keras.layers.MaxPooling2D((2, 2), name="pool1"),
+      tf.keras.layers.MaxPooling2D((2, 2), name="pool1", dtype=dtype),
       conv(64, "conv2"),
-      tf.keras.layers.MaxPooling2D((2, 2), name="pool2"),
+      tf.keras.layers.MaxPooling2D((2, 2), name="pool2", dtype=dtype),
       conv(64, "conv3"),
       # The seed omits this; without it the Dense layers would act on every
       # position of the 4x4x64 map instead of on one feature vector.
-      tf.keras.layers.Flatten(name="flatten"),
+      tf.keras.layers.Flatten(name="flatten", dtype=dtype),
       dense(64, "relu", "dense1"),
       # Logits: softmax lives in the loss (from_logits=True), which is
       # numerically safer and what mixed precision needs.
-      dense(num_classes, None, "logits"),
+      dense(num_classes, None, "logits", logits_dtype),
   ]
 
 
@@ -51,13 +61,16 @@ class ConvNet(tf.keras.Model):
   """
 
   def __init__(self, *, num_classes: int = NUM_CLASSES, l2: float = 0.0,
-               name: str = "convnet"):
+               dtype: str | None = None, name: str = "convnet"):
     """Creates the layers.
 
     Args:
       num_classes: Number of output logits; must be >= 2.
       l2: Kernel L2 regularization factor for every conv and dense layer; 0
         disables it. The penalties appear in ``model.losses``.
+      dtype: Keras dtype policy of the layers, e.g. ``mixed_float16`` (the
+        logits layer stays float32 under a mixed policy); None: the global
+        policy.
       name: Keras model name.
 
     Raises:
@@ -67,9 +80,9 @@ class ConvNet(tf.keras.Model):
       raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if l2 < 0:
       raise ValueError(f"l2 must be >= 0, got {l2}")
-    super().__init__(name=name)
+    super().__init__(name=name, dtype=dtype)
     self.num_classes = num_classes
-    layers = _layer_stack(num_classes, l2)
+    layers = _layer_stack(num_classes, l2, dtype)
     # One attribute per layer (not a list): TensorFlow's checkpoint graph
     # follows attributes, so the weights save under model/conv1/... and a
     # model can be restored on its own, without its optimizer.
@@ -90,20 +103,23 @@ class ConvNet(tf.keras.Model):
 
 
 def build_sequential(*, num_classes: int = NUM_CLASSES, l2: float = 0.0,
-                     input_shape=IMAGE_SHAPE) -> tf.keras.Sequential:
+                     input_shape=IMAGE_SHAPE, dtype: str | None = None
+                     ) -> tf.keras.Sequential:
   """Builds the seed's ``Sequential`` form of ``ConvNet`` (for ``model.fit``).
 
   Args:
     num_classes: Number of output logits.
     l2: Kernel L2 regularization factor, as in ``ConvNet``.
     input_shape: Shape of one image.
+    dtype: Keras dtype policy, as in ``ConvNet``.
 
   Returns:
     A built ``tf.keras.Sequential`` whose weights line up one-to-one with a
     built ``ConvNet``'s.
   """
   model = tf.keras.Sequential(
-      [tf.keras.Input(shape=input_shape)] + _layer_stack(num_classes, l2),
+      [tf.keras.Input(shape=input_shape)] + _layer_stack(num_classes, l2,
+                                                         dtype),
       name="seed_sequential")
   return model
 

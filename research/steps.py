@@ -65,6 +65,8 @@ class StepRunner:
     self.global_batch_size = global_batch_size
     self.keep_short_batch = keep_short_batch
     self.nan_policy = nan_policy
+    self._loss_scaling = isinstance(optimizer,
+                                    tf.keras.optimizers.LossScaleOptimizer)
     # Losses are computed in float32 at least: float16/bfloat16 logits (mixed
     # precision) are upcast, float64 models keep float64.
     self.loss_dtype = (tf.float64 if model.compute_dtype == "float64"
@@ -124,11 +126,17 @@ class StepRunner:
     with tf.GradientTape() as tape:
       logits = tf.cast(self.model(images, training=True), self.loss_dtype)
       loss = self.replica_loss(labels, logits, global_batch_size)
-    gradients = tape.gradient(loss, self.model.trainable_variables)
+      # Identity, except for a LossScaleOptimizer (mixed_float16), whose
+      # apply_gradients unscales the gradients again.
+      scaled_loss = self.optimizer.scale_loss(loss)
+    gradients = tape.gradient(scaled_loss, self.model.trainable_variables)
     nonfinite = tf.cast(tf.logical_not(tf.math.is_finite(loss)), tf.int32)
-    for g in gradients:
-      nonfinite += tf.cast(tf.logical_not(tf.reduce_all(tf.math.is_finite(g))),
-                           tf.int32)
+    if not self._loss_scaling:
+      # With loss scaling, overflowing gradients are routine: the
+      # LossScaleOptimizer skips them and lowers its scale by itself.
+      for g in gradients:
+        nonfinite += tf.cast(
+            tf.logical_not(tf.reduce_all(tf.math.is_finite(g))), tf.int32)
     return loss, gradients, _num_correct(logits, labels), nonfinite
 
   def _replica_forward_backward(self, images, labels):

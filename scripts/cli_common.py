@@ -189,7 +189,7 @@ def train_config_from_flags(fv: flags.FlagValues, *, model_dir: str, strategy):
       keep_checkpoints=fv.keep_checkpoints, augment=fv.augment,
       keep_short_batch=fv.keep_short_batch,
       jit_compile=jit_compile, l2=fv.l2, deterministic=fv.deterministic,
-      nan_policy=fv.nan_policy)
+      nan_policy=fv.nan_policy, mixed_precision=fv.mixed_precision)
 
 
 def exit_status(error: UserError) -> int:

@@ -58,10 +58,12 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                      flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of initialization and data order.",
                        flag_values=fv)
-  flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "float64"],
+  flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "float64",
+                                      "mixed_float16", "mixed_bfloat16"],
                     "Precision of both models; auto: float64 when --replicas "
                     "and --fit_replicas differ (float32 rounding is then "
-                    "amplified chaotically, see README), float32 otherwise.",
+                    "amplified chaotically, see README), float32 otherwise; "
+                    "mixed_float16/mixed_bfloat16 check mixed precision.",
                     flag_values=fv)
   flags.DEFINE_bool("noise_floor", False,
                     "Also train one-device fit against itself with one "

@@ -1,6 +1,7 @@
 """In-process tests of the step functions and the loop."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from research import data as data_lib
@@ -86,3 +87,47 @@ def test_eval_accuracy_is_correct_over_total_not_a_mean_of_batches():
   expected_loss = float(tf.reduce_mean(runner.loss_fn(data.test_labels,
                                                       logits)))
   np.testing.assert_allclose(result["loss"], expected_loss, rtol=1e-5)
+
+
+def _train_run(tmp_path, name, **overrides):
+  from conftest import read_scalars
+  from research import loop
+  settings = dict(model_dir=str(tmp_path / name), epochs=3,
+                  global_batch_size=32, steps_per_loop=8,
+                  checkpoint_every_steps=16, seed=1)
+  settings.update(overrides)
+  data = data_lib.make_synthetic(num_train=512, num_test=128, seed=1)
+  metrics = loop.train(loop.TrainConfig(**settings),
+                       strategy=tf.distribute.get_strategy(), data=data,
+                       log=lambda line: None)
+  losses = [v for _, v in read_scalars(str(tmp_path / name / "train"))["loss"]]
+  return metrics, losses
+
+
+@pytest.mark.parametrize("precision,jit", [
+    ("float32", False), ("float32", True), ("mixed_float16", False),
+    ("mixed_bfloat16", False), ("mixed_bfloat16", True)])
+def test_every_precision_and_xla_setting_trains(tmp_path, precision, jit):
+  metrics, losses = _train_run(tmp_path, "run", mixed_precision=precision,
+                               jit_compile=jit)
+  assert metrics["global_step"] == 48
+  assert losses[-1] < losses[0] - 0.3, losses
+  assert metrics["eval_accuracy"] > 0.3  # chance is 0.1
+
+
+def test_steps_per_loop_changes_no_result(tmp_path):
+  weights = []
+  for steps_per_loop in (8, 5, 16):
+    metrics, losses = _train_run(tmp_path, f"spl{steps_per_loop}",
+                                 steps_per_loop=steps_per_loop,
+                                 deterministic=True)
+    path = tf.train.latest_checkpoint(
+        str(tmp_path / f"spl{steps_per_loop}" / "checkpoints"))
+    reader = tf.train.load_checkpoint(path)
+    weights.append({n: reader.get_tensor(n)
+                    for n, _ in tf.train.list_variables(path)
+                    if n.startswith("model/")})
+    assert metrics["global_step"] == 48
+  for other in weights[1:]:
+    for name, value in weights[0].items():
+      np.testing.assert_array_equal(value, other[name], err_msg=name)

@@ -1,0 +1,150 @@
+"""Throughput measurement: the loop against ``model.fit``, side by side.
+
+Contenders run in one process and are timed in alternating windows after a
+warm-up window each, in an order that rotates every round, so drift on a
+shared machine hits all of them alike; each contender's result is the median
+of its windows.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from research import data as data_lib
+from research import model as model_lib
+from research import steps as steps_lib
+
+
+def training_flops_per_example(model: tf.keras.Model, image_shape) -> int:
+  """FLOPs (a multiply-add counts 2) to train on one example.
+
+  Forward, plus the weight gradient and the input gradient of every conv and
+  dense layer; the first layer has no input gradient (nothing needs it).
+  Pooling, activations and the optimizer update are not counted.
+
+  Args:
+    model: A built ``ConvNet``.
+    image_shape: Shape of one image.
+
+  Returns:
+    The count.
+  """
+  x = tf.zeros((1,) + tuple(image_shape))
+  total, first = 0, True
+  for layer in model.stack:
+    y = layer(x)
+    forward = 0
+    if isinstance(layer, tf.keras.layers.Conv2D):
+      forward = 2 * int(np.prod(y.shape[1:3])) * int(np.prod(layer.kernel.shape))
+    elif isinstance(layer, tf.keras.layers.Dense):
+      forward = 2 * int(np.prod(layer.kernel.shape))
+    if forward:
+      total += forward * (2 if first else 3)
+      first = False
+    x = y
+  return total
+
+
+def matmul_gflops(size: int = 4096, repeats: int = 5) -> float:
+  """Median GFLOP/s of a ``size``² float32 matmul: the machine's ceiling."""
+  a = tf.random.stateless_normal((size, size), seed=[1, 2])
+  b = tf.random.stateless_normal((size, size), seed=[3, 4])
+  matmul = tf.function(lambda x, y: tf.reduce_sum(tf.linalg.matmul(x, y)))
+  matmul(a, b).numpy()  # warm-up
+  rates = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    matmul(a, b).numpy()
+    rates.append(2 * size ** 3 / (time.perf_counter() - t0) / 1e9)
+  return statistics.median(rates)
+
+
+class LoopContender:
+  """Our loop: ``StepRunner.train_steps`` over a given dataset."""
+
+  def __init__(self, dataset: tf.data.Dataset, *, global_batch_size: int,
+               steps_per_loop: int, jit_compile: bool, seed: int = 0):
+    self.strategy = tf.distribute.get_strategy()
+    tf.keras.utils.set_random_seed(seed)
+    model = model_lib.build(model_lib.ConvNet())
+    optimizer = tf.keras.optimizers.Adam()
+    optimizer.build(model.trainable_variables)
+    self.runner = steps_lib.StepRunner(
+        strategy=self.strategy, model=model, optimizer=optimizer,
+        global_batch_size=global_batch_size, jit_compile=jit_compile)
+    self.iterator = iter(dataset)
+    self.steps_per_loop = steps_per_loop
+
+  def run(self, steps: int) -> None:
+    done = 0
+    while done < steps:
+      n = min(self.steps_per_loop, steps - done)
+      self.runner.train_steps(self.iterator, tf.constant(n))["count"].numpy()
+      done += n
+
+
+class FitContender:
+  """``model.fit`` on the seed's Sequential model."""
+
+  def __init__(self, dataset: tf.data.Dataset, *, steps_per_execution: int,
+               jit_compile, seed: int = 0):
+    tf.keras.utils.set_random_seed(seed)
+    self.model = model_lib.build_sequential()
+    self.model.compile(
+        optimizer=tf.keras.optimizers.Adam(),
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        steps_per_execution=steps_per_execution, jit_compile=jit_compile)
+    self.dataset = dataset
+    self.steps_per_execution = steps_per_execution
+
+  def run(self, steps: int) -> None:
+    steps = max(self.steps_per_execution,
+                steps // self.steps_per_execution * self.steps_per_execution)
+    self.model.fit(self.dataset, steps_per_epoch=steps, epochs=1, verbose=0,
+                   shuffle=False)
+
+
+def synthetic_in_memory(global_batch_size: int, seed: int = 0
+                        ) -> tf.data.Dataset:
+  """One constant batch, repeated: the input-free ceiling."""
+  rng = np.random.default_rng(seed)
+  images = rng.uniform(0, 1, (global_batch_size, 32, 32, 3)).astype(np.float32)
+  labels = rng.integers(0, 10, global_batch_size).astype(np.int32)
+  return tf.data.Dataset.from_tensors((images, labels)).repeat()
+
+
+def real_pipeline(data: data_lib.ArrayData, global_batch_size: int,
+                  seed: int = 0) -> tf.data.Dataset:
+  """The training pipeline, repeated for as long as the benchmark needs."""
+  return data_lib.make_train_dataset(data, global_batch_size=global_batch_size,
+                                     seed=seed, num_epochs=1000)
+
+
+def time_alternating(contenders: dict[str, Callable[[int], None]], *,
+                     steps: int, windows: int) -> dict[str, list[float]]:
+  """Seconds per window of ``steps`` steps, for each contender.
+
+  Each contender runs one untimed warm-up window (tracing, compilation).
+  Then the timed windows are interleaved, and the order rotates every round
+  (A B C, B C A, C A B, ...) so that no contender always follows the same
+  one. Garbage is collected before every window, outside the timing, so one
+  contender's leftovers (``fit``'s iterators) are not charged to the next.
+  """
+  for run in contenders.values():
+    run(steps)
+  names = list(contenders)
+  seconds = {name: [] for name in names}
+  for round_index in range(windows):
+    shift = round_index % len(names)
+    for name in names[shift:] + names[:shift]:
+      gc.collect()
+      t0 = time.perf_counter()
+      contenders[name](steps)
+      seconds[name].append(time.perf_counter() - t0)
+  return seconds

@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Training throughput of our loop against model.fit, side by side.
+
+  python scripts/benchmark.py [--dataset=folder --data_dir=/tmp/cifar10-jpeg] \
+      [--json_out=bench.json]
+
+For each batch size without XLA (and a few with XLA), times in alternating
+windows (after a warm-up window each):
+  loop            our loop on the real input pipeline
+  loop_synthetic  our loop on one in-memory batch (the input-free ceiling)
+  fit_default     model.fit at its defaults (steps_per_execution=1,
+                  jit_compile="auto", which is off on CPU)
+  fit_matched     model.fit with steps_per_execution and jit_compile as ours
+and measures a 4096² float32 matmul as the machine's ceiling. Prints a
+markdown table; --json_out keeps every window.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+
+import cli_common as cli  # noqa: E402  (scripts/cli_common.py)
+from research.errors import UserError  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+  """Defines this script's flags on ``fv``."""
+  cli.define_data_flags(fv, default_dataset="synthetic",
+                        synthetic_train_size=50000, synthetic_test_size=16)
+  flags.DEFINE_list("batch_sizes", ["32", "256", "1024"],
+                    "Global batch sizes timed without XLA.", flag_values=fv)
+  flags.DEFINE_list("xla_batch_sizes", ["32", "256"],
+                    "Global batch sizes timed with XLA (jit_compile).",
+                    flag_values=fv)
+  flags.DEFINE_integer("windows", 5, "Timed windows per contender.",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("window_examples", 6400,
+                       "Examples per timed window (about).", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("steps_per_loop", 100,
+                       "Our steps per call (and fit's matched "
+                       "steps_per_execution); capped at a window's steps.",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_string("json_out", None, "Also write every window here.",
+                      flag_values=fv)
+
+
+def main(argv):
+  del argv
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.ERROR)
+  import tensorflow as tf
+  from research import benchmarking
+  from research import data as data_lib
+  from research import model as model_lib
+  try:
+    settings = ([(int(b), False) for b in FLAGS.batch_sizes] +
+                [(int(b), True) for b in FLAGS.xla_batch_sizes])
+    data = data_lib.load_data(
+        FLAGS.dataset, data_dir=FLAGS.data_dir, seed=0,
+        synthetic_train_size=FLAGS.synthetic_train_size,
+        synthetic_test_size=FLAGS.synthetic_test_size)
+  except (UserError, ValueError) as e:
+    cli.exit_with_error(str(e))
+  flops = benchmarking.training_flops_per_example(
+      model_lib.build(model_lib.ConvNet()), (32, 32, 3))
+  ceiling = benchmarking.matmul_gflops()
+  cpu = _cpu_model()
+  print(f"machine: {cpu}, {os.cpu_count()} cores; TensorFlow "
+        f"{tf.__version__}, Keras {tf.keras.__version__}", flush=True)
+  print(f"data: {FLAGS.dataset} ({len(data.train_labels)} training examples)"
+        f"; {flops / 1e6:.2f} MFLOP per training example; 4096^2 matmul "
+        f"{ceiling:.0f} GFLOP/s", flush=True)
+
+  results = []
+  for batch, jit in settings:
+    window_steps = max(1, round(FLAGS.window_examples / batch))
+    spl = min(FLAGS.steps_per_loop, window_steps)
+    window_steps = max(spl, window_steps // spl * spl)
+    real = benchmarking.real_pipeline(data, batch)
+    contenders = {
+        "loop": benchmarking.LoopContender(
+            real, global_batch_size=batch, steps_per_loop=spl,
+            jit_compile=jit).run,
+        "loop_synthetic": benchmarking.LoopContender(
+            benchmarking.synthetic_in_memory(batch), global_batch_size=batch,
+            steps_per_loop=spl, jit_compile=jit).run,
+        "fit_default": benchmarking.FitContender(
+            benchmarking.real_pipeline(data, batch), steps_per_execution=1,
+            jit_compile="auto").run,
+        "fit_matched": benchmarking.FitContender(
+            benchmarking.real_pipeline(data, batch),
+            steps_per_execution=spl, jit_compile=jit).run,
+    }
+    seconds = benchmarking.time_alternating(
+        contenders, steps=window_steps, windows=FLAGS.windows)
+    rates = {name: [window_steps * batch / s for s in secs]
+             for name, secs in seconds.items()}
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    row = {"batch_size": batch, "jit_compile": jit,
+           "steps_per_loop": spl, "window_steps": window_steps,
+           "examples_per_second": rates, "median": medians}
+    results.append(row)
+    print(f"batch {batch} xla {'on' if jit else 'off'} (steps per call "
+          f"{spl}): " + ", ".join(f"{k} {v:,.0f}" for k, v in
+                                  medians.items()) + " examples/s",
+          flush=True)
+
+  table = _markdown(results, flops, ceiling)
+  print(table)
+  if FLAGS.json_out:
+    from research.loop import write_json
+    write_json(FLAGS.json_out, {
+        "machine": {"cpu": cpu, "cores": os.cpu_count(),
+                    "tensorflow": tf.__version__,
+                    "keras": tf.keras.__version__},
+        "dataset": FLAGS.dataset, "flops_per_example": flops,
+        "matmul_gflops": ceiling, "results": results, "table": table})
+
+
+def _markdown(results, flops, ceiling) -> str:
+  lines = [
+      "| batch | XLA | loop ex/s | loop on synthetic ex/s | fit default ex/s "
+      "| fit matched ex/s | loop ÷ fit default | loop ÷ fit matched "
+      "| real ÷ synthetic | loop GFLOP/s (÷ matmul) |",
+      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for r in results:
+    m = r["median"]
+    gflops = m["loop"] * flops / 1e9
+    lines.append(
+        f"| {r['batch_size']} | {'on' if r['jit_compile'] else 'off'} "
+        f"| {m['loop']:,.0f} | {m['loop_synthetic']:,.0f} "
+        f"| {m['fit_default']:,.0f} | {m['fit_matched']:,.0f} "
+        f"| {m['loop'] / m['fit_default']:.2f} "
+        f"| {m['loop'] / m['fit_matched']:.2f} "
+        f"| {m['loop'] / m['loop_synthetic']:.2f} "
+        f"| {gflops:.0f} ({gflops / ceiling:.2f}) |")
+  return "\n".join(lines)
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown CPU"
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

@@ -1,0 +1,40 @@
+"""scripts/benchmark.py and its FLOP count (no timings are asserted)."""
+
+import json
+
+from conftest import run_script
+from research import benchmarking
+from research import model as model_lib
+
+
+def test_flop_count_of_the_convnet():
+  net = model_lib.build(model_lib.ConvNet())
+  forward = {  # 2 x multiply-adds per example
+      "conv1": 2 * 30 * 30 * 3 * 3 * 3 * 32,
+      "conv2": 2 * 13 * 13 * 3 * 3 * 32 * 64,
+      "conv3": 2 * 4 * 4 * 3 * 3 * 64 * 64,
+      "dense1": 2 * 1024 * 64,
+      "logits": 2 * 64 * 10,
+  }
+  # Forward + weight gradient everywhere, + input gradient but for conv1.
+  expected = 3 * sum(forward.values()) - forward["conv1"]
+  assert benchmarking.training_flops_per_example(net, (32, 32, 3)) == expected
+  assert expected == 25_736_448
+
+
+def test_benchmark_script_reports_every_contender(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = run_script("benchmark.py", "--batch_sizes=16", "--xla_batch_sizes=",
+                    "--windows=2", "--window_examples=160",
+                    "--synthetic_train_size=512", f"--json_out={out}",
+                    check=True)
+  report = json.loads(out.read_text())
+  assert report["flops_per_example"] == 25_736_448
+  assert report["matmul_gflops"] > 0
+  (row,) = report["results"]
+  assert row["batch_size"] == 16 and row["window_steps"] == 10
+  assert set(row["examples_per_second"]) == {
+      "loop", "loop_synthetic", "fit_default", "fit_matched"}
+  assert all(len(v) == 2 and min(v) > 0
+             for v in row["examples_per_second"].values())
+  assert "| 16 | off |" in proc.stdout
