@@ -89,3 +89,16 @@ def test_a_wrong_loop_is_caught_at_the_right_step(tmp_path, fault, extra,
   # Steps before the fault still agree.
   assert all(abs(a - b) <= 1e-5 for a, b in zip(
       report["fit_losses"][:step], report["loop_losses"][:step]))
+
+
+@pytest.mark.parametrize("args", [
+    ["--replicas=1", "--jit_compile"],
+    ["--replicas=1", "--dtype=mixed_bfloat16"],
+    ["--replicas=1", "--dtype=mixed_float16"],
+], ids=["xla_one_device", "mixed_bfloat16", "mixed_float16"])
+def test_xla_and_mixed_precision_match_fit(tmp_path, args):
+  proc, report = _verify(tmp_path, *args)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert report["mode"] == "one_device"
+  assert report["max_weight_diff"] == 0.0
+  assert report["loop_eval"]["correct"] == report["fit_eval"]["correct"]
