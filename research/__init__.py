@@ -10,5 +10,9 @@ Modules, one concern each:
 - ``loop``: the outer training loop (epochs, evaluation, checkpoints, logging).
 - ``summaries``: TensorBoard writers.
 - ``checkpoints``: checkpoint saving, restoring and fallback.
+- ``preemption``: graceful stop on SIGTERM, agreed by every worker.
+- ``equivalence``: the step-by-step comparison with ``model.fit``.
+- ``benchmarking``: side-by-side throughput measurement.
+- ``options``: names of the accepted choices (importable without TensorFlow).
 - ``errors``: the error type for mistakes a user can fix.
 """

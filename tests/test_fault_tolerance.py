@@ -312,3 +312,30 @@ def test_a_failed_save_keeps_earlier_checkpoints(tmp_path):
   v.assign(5.0)
   assert keeper.restore_latest().endswith("ckpt-1")
   assert float(v) == 1.0
+
+
+def test_full_or_read_only_model_dir_is_refused_before_training(tmp_path,
+                                                                 monkeypatch):
+  sys.path.insert(0, SCRIPTS)
+  import cli_common
+  from absl import flags as absl_flags
+  from research.errors import UserError
+  fv = absl_flags.FlagValues()
+  absl_flags.DEFINE_string("model_dir", str(tmp_path / "run"), "",
+                           flag_values=fv)
+  absl_flags.DEFINE_string("run_name", None, "", flag_values=fv)
+  absl_flags.DEFINE_string("dataset", "synthetic", "", flag_values=fv)
+  fv(["prog"])
+  assert cli_common.resolve_model_dir(fv) == str(tmp_path / "run")
+
+  full = cli_common.shutil.disk_usage(str(tmp_path))._replace(free=2**20)
+  monkeypatch.setattr(cli_common.shutil, "disk_usage", lambda path: full)
+  with pytest.raises(UserError, match=r"only 1 MB free .* at least 20 MB"):
+    cli_common.resolve_model_dir(fv)
+  monkeypatch.undo()
+
+  def read_only(*args, **kwargs):
+    raise OSError(30, "Read-only file system")
+  monkeypatch.setattr(cli_common.tempfile, "TemporaryFile", read_only)
+  with pytest.raises(UserError, match="Read-only file system"):
+    cli_common.resolve_model_dir(fv)
