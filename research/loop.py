@@ -112,6 +112,71 @@ def write_json(path: str, payload: dict) -> None:
   os.replace(tmp, path)
 
 
+@dataclasses.dataclass
+class TrainingState:
+  """What a run trains and checkpoints.
+
+  Attributes:
+    model: The ConvNet (under the strategy's scope).
+    optimizer: Adam, wrapped in a ``LossScaleOptimizer`` for mixed_float16.
+    runner: The step functions.
+    global_step: Batches consumed: the data position and the x-axis of the
+      curves. It equals ``optimizer.iterations`` unless steps were skipped.
+    skipped_steps: Steps whose update a non-finite loss skipped.
+    checkpoint: All of the above that is state.
+  """
+  model: tf.keras.Model
+  optimizer: tf.keras.optimizers.Optimizer
+  runner: steps_lib.StepRunner
+  global_step: tf.Variable
+  skipped_steps: tf.Variable
+  checkpoint: tf.train.Checkpoint
+
+
+def build_training_state(config: TrainConfig, *,
+                         strategy: tf.distribute.Strategy,
+                         data: data_lib.ArrayData) -> TrainingState:
+  """Creates the model, optimizer, step functions and counters.
+
+  The model and optimizer are created under ``strategy.scope()`` and the
+  optimizer is built before any step is traced.
+
+  Args:
+    config: The run's settings.
+    strategy: The distribution strategy.
+    data: The dataset (for the image shape and number of classes).
+
+  Returns:
+    The fresh state (not yet restored from a checkpoint).
+  """
+  with strategy.scope():
+    model = model_lib.build(
+        model_lib.ConvNet(num_classes=data.num_classes, l2=config.l2,
+                          dtype=config.mixed_precision),
+        data.image_shape)
+    optimizer = tf.keras.optimizers.Adam(learning_rate=config.learning_rate)
+    if config.mixed_precision == "mixed_float16":
+      # float16 gradients underflow without loss scaling; bfloat16's range
+      # is float32's, so it needs none.
+      optimizer = tf.keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+    runner = steps_lib.StepRunner(
+        strategy=strategy, model=model, optimizer=optimizer,
+        global_batch_size=config.global_batch_size,
+        keep_short_batch=config.keep_short_batch,
+        jit_compile=config.jit_compile, nan_policy=config.nan_policy)
+  # Plain (not mirrored) variables: only the host reads and writes them.
+  global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
+                            name="global_step")
+  skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False,
+                              name="skipped_steps")
+  checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                   global_step=global_step,
+                                   skipped_steps=skipped_steps)
+  return TrainingState(model, optimizer, runner, global_step, skipped_steps,
+                       checkpoint)
+
+
 def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
           data: data_lib.ArrayData, log: Callable[[str], None] = print,
           run_files: dict[str, dict] | None = None) -> dict:
@@ -157,32 +222,10 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
   tf.keras.utils.set_random_seed(config.seed)
-  with strategy.scope():
-    model = model_lib.build(
-        model_lib.ConvNet(num_classes=data.num_classes, l2=config.l2,
-                          dtype=config.mixed_precision),
-        data.image_shape)
-    optimizer = tf.keras.optimizers.Adam(learning_rate=config.learning_rate)
-    if config.mixed_precision == "mixed_float16":
-      # float16 gradients underflow without loss scaling; bfloat16's range
-      # is float32's, so it needs none.
-      optimizer = tf.keras.optimizers.LossScaleOptimizer(optimizer)
-    optimizer.build(model.trainable_variables)
-    runner = steps_lib.StepRunner(
-        strategy=strategy, model=model, optimizer=optimizer,
-        global_batch_size=config.global_batch_size,
-        keep_short_batch=config.keep_short_batch,
-        jit_compile=config.jit_compile, nan_policy=config.nan_policy)
-  # Batches consumed: the data position and the x-axis of the curves. It
-  # equals optimizer.iterations unless steps were skipped. Plain (not
-  # mirrored) variables: only the host reads and writes them.
-  global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
-                            name="global_step")
-  skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False,
-                              name="skipped_steps")
-  checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
-                                   global_step=global_step,
-                                   skipped_steps=skipped_steps)
+  state = build_training_state(config, strategy=strategy, data=data)
+  optimizer, runner = state.optimizer, state.runner
+  global_step, skipped_steps = state.global_step, state.skipped_steps
+  checkpoint = state.checkpoint
   keeper = CheckpointKeeper(
       checkpoint=checkpoint,
       directory=os.path.join(config.model_dir, "checkpoints"),

@@ -17,7 +17,6 @@ markdown table; --json_out keeps every window.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics

@@ -15,7 +15,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from conftest import REPO, SCRIPTS, read_scalars, run_script
