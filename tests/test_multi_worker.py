@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import tensorflow as tf
@@ -95,14 +94,13 @@ def test_a_killed_worker_stops_the_job_within_60s(tmp_path):
         break
     assert pids, "the launcher did not report its workers"
     os.kill(pids[1], signal.SIGKILL)
-    start = time.time()
-    _, err = proc.communicate(timeout=90)
-    elapsed = time.time() - start
+    # The launcher must be done within 60 s: a longer wait raises
+    # TimeoutExpired and fails the test.
+    _, err = proc.communicate(timeout=60)
   finally:
     if proc.poll() is None:
       proc.kill()
   assert proc.returncode != 0
-  assert elapsed < 60, elapsed
   assert "error: worker 1 exited with status -9 (killed by SIGKILL)" in err
   assert not any(_alive(pid) for pid in pids)
 
