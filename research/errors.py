@@ -5,5 +5,7 @@ class UserError(Exception):
   """A mistake in the user's input (flags, data, directories).
 
   Scripts catch it and print its message as one line, without a traceback, and
-  exit non-zero. The message says what was wrong and how to fix it.
+  exit with ``exit_status``. The message says what was wrong and how to fix it.
   """
+
+  exit_status = 2

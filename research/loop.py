@@ -95,6 +95,8 @@ class TrainConfig:
 class NonFiniteLossError(UserError):
   """Training met a non-finite loss or gradient under ``nan_policy=stop``."""
 
+  exit_status = 3
+
 
 def _format_duration(seconds: float) -> str:
   seconds = int(round(seconds))

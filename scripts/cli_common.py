@@ -192,11 +192,6 @@ def train_config_from_flags(fv: flags.FlagValues, *, model_dir: str, strategy):
       nan_policy=fv.nan_policy, mixed_precision=fv.mixed_precision)
 
 
-def exit_status(error: UserError) -> int:
-  """3 for a run stopped by a non-finite loss, 2 for other user errors."""
-  return 3 if type(error).__name__ == "NonFiniteLossError" else 2
-
-
 def parse_image_size(value: str | None) -> tuple[int, int] | None:
   """``"32x32"`` -> ``(32, 32)``; None stays None.
 

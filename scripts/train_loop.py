@@ -131,7 +131,7 @@ def main(argv):
                          log=lambda line: print(line, flush=True),
                          run_files={"flags.json": FLAGS.flag_values_dict()})
   except UserError as e:
-    cli.exit_with_error(str(e), status=cli.exit_status(e))
+    cli.exit_with_error(str(e), status=e.exit_status)
   except preemption.Preempted as e:
     sys.stderr.write(f"{e}; run the same command to resume\n")
     sys.exit(preemption.PREEMPTED_EXIT_STATUS)
