@@ -25,7 +25,7 @@ from research import data as data_lib
 from research import model as model_lib
 from research import steps as steps_lib
 from research.options import FAULTS
-
+from research.options import PRECISIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,7 @@ FLOAT64_REASON = (
     "real mistake (a loss not scaled for the replicas) still shows at once.")
 
 
-DTYPES = ("float32", "float64", "mixed_float16", "mixed_bfloat16")
+DTYPES = ("float64",) + PRECISIONS
 
 
 def default_dtype(replicas: int, fit_replicas: int) -> str:
@@ -228,9 +228,7 @@ def _run_loop(config, data, strategy, initial_weights, train_dataset,
                                             l2=config.l2), data.image_shape)
     for w, value in zip(net.weights, initial_weights):
       w.assign(value)
-    optimizer = tf.keras.optimizers.Adam(learning_rate=config.learning_rate)
-    if config.dtype == "mixed_float16":
-      optimizer = tf.keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer = steps_lib.make_optimizer(config.learning_rate, config.dtype)
     optimizer.build(net.trainable_variables)
     kwargs = dict(strategy=strategy, model=net, optimizer=optimizer,
                   global_batch_size=config.global_batch_size,

@@ -25,6 +25,7 @@ from research import preemption
 from research import steps as steps_lib
 from research.checkpoints import CheckpointKeeper
 from research.errors import UserError
+from research.options import PRECISIONS
 from research.summaries import SummaryManager
 
 
@@ -84,9 +85,9 @@ class TrainConfig:
     if self.nan_policy not in steps_lib.NAN_POLICIES:
       raise ValueError(f"nan_policy must be one of {steps_lib.NAN_POLICIES}, "
                        f"got {self.nan_policy!r}")
-    if self.mixed_precision not in model_lib.PRECISIONS:
+    if self.mixed_precision not in PRECISIONS:
       raise ValueError(f"mixed_precision must be one of "
-                       f"{model_lib.PRECISIONS}, got {self.mixed_precision!r}")
+                       f"{PRECISIONS}, got {self.mixed_precision!r}")
     if self.deterministic and self.jit_compile:
       raise ValueError("deterministic and jit_compile cannot both be on: "
                        "TensorFlow has no deterministic XLA MaxPool gradient")
@@ -156,11 +157,8 @@ def build_training_state(config: TrainConfig, *,
         model_lib.ConvNet(num_classes=data.num_classes, l2=config.l2,
                           dtype=config.mixed_precision),
         data.image_shape)
-    optimizer = tf.keras.optimizers.Adam(learning_rate=config.learning_rate)
-    if config.mixed_precision == "mixed_float16":
-      # float16 gradients underflow without loss scaling; bfloat16's range
-      # is float32's, so it needs none.
-      optimizer = tf.keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer = steps_lib.make_optimizer(config.learning_rate,
+                                         config.mixed_precision)
     optimizer.build(model.trainable_variables)
     runner = steps_lib.StepRunner(
         strategy=strategy, model=model, optimizer=optimizer,

@@ -16,9 +16,6 @@ IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
 
 
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-
-
 def _layer_stack(num_classes: int, l2: float, dtype: str | None
                  ) -> list[tf.keras.layers.Layer]:
   """The seed's layers, in order, shared by both model forms."""

@@ -21,6 +21,19 @@ _SUM = tf.distribute.ReduceOp.SUM
 NAN_POLICIES = ("stop", "skip")
 
 
+def make_optimizer(learning_rate: float, mixed_precision: str = "float32"
+                   ) -> tf.keras.optimizers.Optimizer:
+  """Adam, wrapped in a ``LossScaleOptimizer`` for ``mixed_float16``.
+
+  float16 gradients underflow without loss scaling; bfloat16's range is
+  float32's, so it needs none. Create it under ``strategy.scope()``.
+  """
+  optimizer = tf.keras.optimizers.Adam(learning_rate=learning_rate)
+  if mixed_precision == "mixed_float16":
+    optimizer = tf.keras.optimizers.LossScaleOptimizer(optimizer)
+  return optimizer
+
+
 class StepRunner:
   """Runs training and evaluation steps of a model under a strategy.
 

@@ -81,8 +81,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                     "A step with a non-finite loss or gradient: stop (exit 3, "
                     "save nothing) or skip its update and count it.",
                     flag_values=fv)
-  flags.DEFINE_enum("mixed_precision", "float32",
-                    ["float32", "mixed_float16", "mixed_bfloat16"],
+  flags.DEFINE_enum("mixed_precision", "float32", options.PRECISIONS,
                     "Keras dtype policy; mixed_float16 adds a "
                     "LossScaleOptimizer. Logits and loss stay float32.",
                     flag_values=fv)

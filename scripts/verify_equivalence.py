@@ -58,8 +58,8 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                      flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of initialization and data order.",
                        flag_values=fv)
-  flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "float64",
-                                      "mixed_float16", "mixed_bfloat16"],
+  flags.DEFINE_enum("dtype", "auto",
+                    ["auto", "float64"] + list(options.PRECISIONS),
                     "Precision of both models; auto: float64 when --replicas "
                     "and --fit_replicas differ (float32 rounding is then "
                     "amplified chaotically, see README), float32 otherwise; "
