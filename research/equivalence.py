@@ -44,24 +44,21 @@ TOLERANCES = {
 }
 
 
-# Why the mode that changes the replica count compares in float64 by default.
-FLOAT64_REASON = (
-    "Changing the replica count changes the order in which gradients are "
-    "summed, so float32 results differ in the last bit after the first step. "
-    "Adam's first updates are nearly sign(gradient) * learning_rate, and "
-    "training amplifies such differences chaotically: in float32, Keras' own "
-    "fit on 2 replicas differs from fit on 1 device by 1.3e-3 in the weights "
-    "after 10 CIFAR-10 steps and 0.10 after 200, as does fit against itself "
-    "with one initial weight moved by one ulp. In float64 the same "
-    "amplification leaves differences far below the tolerances, while any "
-    "real mistake (a loss not scaled for the replicas) still shows at once.")
-
-
+# Why the mode that changes the replica count compares in float64 by default:
+# changing the replica count changes the order in which gradients are summed,
+# so float32 results differ in the last bit after the first step. Adam's first
+# updates are nearly sign(gradient) * learning_rate, and training amplifies
+# such differences chaotically: in float32, Keras' own fit on 2 replicas
+# differs from fit on 1 device by 1.3e-3 in the weights after 10 CIFAR-10
+# steps and 0.10 after 200, as does fit against itself with one initial weight
+# moved by one ulp. In float64 the same amplification leaves differences far
+# below the tolerances, while a real mistake (a loss not scaled for the
+# replicas) still shows at once.
 DTYPES = ("float64",) + PRECISIONS
 
 
 def default_dtype(replicas: int, fit_replicas: int) -> str:
-  """float64 when the replica counts differ (see ``FLOAT64_REASON``)."""
+  """float64 when the replica counts differ (see the comment above)."""
   return "float64" if replicas != fit_replicas else "float32"
 
 
@@ -88,7 +85,7 @@ class EquivalenceConfig:
     learning_rate: Adam's learning rate on both sides.
     seed: Seed of initialization and data order.
     dtype: ``float32``; ``float64`` for both models and losses (see
-      ``FLOAT64_REASON``); or a mixed policy, ``mixed_float16`` (both sides
+      ``default_dtype``); or a mixed policy, ``mixed_float16`` (both sides
       with a ``LossScaleOptimizer``: ``compile`` adds one by itself) or
       ``mixed_bfloat16``.
     noise_floor: Also measure what float rounding alone does: one-device
