@@ -448,7 +448,8 @@ def _options() -> tf.data.Options:
   return options
 
 
-def _to_float(images_u8):
+def to_float(images_u8):
+  """uint8 pixels to the float32 [0, 1] the model takes (also in exports)."""
   return tf.cast(images_u8, tf.float32) * (1.0 / 255.0)
 
 
@@ -517,7 +518,7 @@ def make_train_dataset(data: ArrayData, *, global_batch_size: int, seed: int,
   ds = _split_for_replicas(ds, global_batch_size, input_context)
 
   def load(index, offsets=None, flips=None):
-    x = _to_float(tf.gather(images, index))
+    x = to_float(tf.gather(images, index))
     if augment:
       x = _augment(x, offsets, flips)
     return x, tf.gather(labels, index)
@@ -550,7 +551,7 @@ def make_eval_dataset(data: ArrayData, *, global_batch_size: int,
   ds = tf.data.Dataset.range(len(data.test_labels)).map(
       lambda i: tf.cast(i, tf.int32)).batch(global_batch_size)
   ds = _split_for_replicas(ds, global_batch_size, input_context)
-  return (ds.map(lambda i: (_to_float(tf.gather(images, i)),
+  return (ds.map(lambda i: (to_float(tf.gather(images, i)),
                             tf.gather(labels, i)),
                  num_parallel_calls=tf.data.AUTOTUNE)
           .prefetch(tf.data.AUTOTUNE).with_options(_options()))

@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from research import data as data_lib
 from research import model as model_lib
+from research import optim
 from research import steps as steps_lib
 from research.options import FAULTS
 from research.options import PRECISIONS
@@ -225,7 +226,7 @@ def _run_loop(config, data, strategy, initial_weights, train_dataset,
                                             l2=config.l2), data.image_shape)
     for w, value in zip(net.weights, initial_weights):
       w.assign(value)
-    optimizer = steps_lib.make_optimizer(config.learning_rate, config.dtype)
+    optimizer = optim.make_optimizer(config.learning_rate, config.dtype)
     optimizer.build(net.trainable_variables)
     kwargs = dict(strategy=strategy, model=net, optimizer=optimizer,
                   global_batch_size=config.global_batch_size,

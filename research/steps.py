@@ -15,35 +15,32 @@ This is the heart of the custom loop, written the way the TensorFlow tutorial
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
+
+from research import optim
 
 _SUM = tf.distribute.ReduceOp.SUM
 NAN_POLICIES = ("stop", "skip")
-
-
-def make_optimizer(learning_rate: float, mixed_precision: str = "float32"
-                   ) -> tf.keras.optimizers.Optimizer:
-  """Adam, wrapped in a ``LossScaleOptimizer`` for ``mixed_float16``.
-
-  float16 gradients underflow without loss scaling; bfloat16's range is
-  float32's, so it needs none. Create it under ``strategy.scope()``.
-  """
-  optimizer = tf.keras.optimizers.Adam(learning_rate=learning_rate)
-  if mixed_precision == "mixed_float16":
-    optimizer = tf.keras.optimizers.LossScaleOptimizer(optimizer)
-  return optimizer
 
 
 class StepRunner:
   """Runs training and evaluation steps of a model under a strategy.
 
   Create it (and the model and optimizer it gets) under ``strategy.scope()``.
+
+  Each training step all-reduces the gradients once, explicitly, so the
+  gradient norm, the clipping and the finiteness check see the *global*
+  gradient; the optimizer is then told not to all-reduce again (see
+  ``optim.expect_presummed_gradients``). Keras 3 alone would clip before its
+  own all-reduce, that is per replica, which is not global-norm clipping.
   """
 
   def __init__(self, *, strategy: tf.distribute.Strategy,
                model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimizer,
                global_batch_size: int, keep_short_batch: bool = False,
-               jit_compile: bool = False, nan_policy: str = "stop"):
+               jit_compile: bool = False, nan_policy: str = "stop",
+               label_smoothing: float = 0.0, clip_grad_norm: float = 0.0):
     """Builds the step functions (they trace on first call).
 
     Args:
@@ -59,10 +56,15 @@ class StepRunner:
       nan_policy: What a step with a non-finite loss or gradient does; the
         update is never applied. ``stop``: the call runs no further steps and
         reports the step. ``skip``: the step is counted and training goes on.
+      label_smoothing: Training targets are ``(1 - s) * one_hot + s / C``.
+        Evaluation always reports the plain cross-entropy.
+      clip_grad_norm: If > 0, the global gradient (over all replicas) is
+        scaled down to at most this L2 norm before the update.
 
     Raises:
       ValueError: if ``global_batch_size`` is not positive or not divisible by
-        the number of replicas, or ``nan_policy`` is unknown.
+        the number of replicas, ``nan_policy`` is unknown, or
+        ``label_smoothing``/``clip_grad_norm`` are out of range.
     """
     if nan_policy not in NAN_POLICIES:
       raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got "
@@ -72,20 +74,34 @@ class StepRunner:
       raise ValueError(
           f"global_batch_size must be a positive multiple of the "
           f"{replicas} replicas, got {global_batch_size}")
+    if not 0 <= label_smoothing < 1:
+      raise ValueError(f"label_smoothing must be in [0, 1), got "
+                       f"{label_smoothing}")
+    if clip_grad_norm < 0:
+      raise ValueError(f"clip_grad_norm must be >= 0, got {clip_grad_norm}")
     self.strategy = strategy
     self.model = model
     self.optimizer = optimizer
     self.global_batch_size = global_batch_size
     self.keep_short_batch = keep_short_batch
     self.nan_policy = nan_policy
+    self.label_smoothing = label_smoothing
+    self.clip_grad_norm = clip_grad_norm
+    # The logits' width: the last trainable variable is the output bias.
+    self.num_classes = int(getattr(model, "num_classes", 0) or
+                           model.trainable_variables[-1].shape[-1])
     self._loss_scaling = isinstance(optimizer,
                                     tf.keras.optimizers.LossScaleOptimizer)
+    optim.expect_presummed_gradients(optimizer)
     # Losses are computed in float32 at least: float16/bfloat16 logits (mixed
     # precision) are upcast, float64 models keep float64.
     self.loss_dtype = (tf.float64 if model.compute_dtype == "float64"
                        else tf.float32)
     self.loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(
         from_logits=True, reduction=None, dtype=self.loss_dtype)
+    self._smoothed_loss_fn = tf.keras.losses.CategoricalCrossentropy(
+        from_logits=True, label_smoothing=label_smoothing, reduction=None,
+        dtype=self.loss_dtype)
     # XLA compiles the forward and backward pass, and separately the update
     # (which, with several replicas, touches mirrored variables on every
     # replica's device: one XLA cluster cannot span them). Without XLA the
@@ -128,7 +144,11 @@ class StepRunner:
       logits: This replica's logits.
       global_batch_size: Examples in the step over all replicas.
     """
-    per_example = self.loss_fn(labels, logits)
+    if self.label_smoothing:
+      per_example = self._smoothed_loss_fn(
+          tf.one_hot(labels, logits.shape[-1], dtype=self.loss_dtype), logits)
+    else:
+      per_example = self.loss_fn(labels, logits)
     loss = tf.nn.compute_average_loss(per_example,
                                       global_batch_size=global_batch_size)
     if self.model.losses:
@@ -139,34 +159,44 @@ class StepRunner:
     with tf.GradientTape() as tape:
       logits = tf.cast(self.model(images, training=True), self.loss_dtype)
       loss = self.replica_loss(labels, logits, global_batch_size)
-      # Identity, except for a LossScaleOptimizer (mixed_float16), whose
-      # apply_gradients unscales the gradients again.
+      # Identity, except for a LossScaleOptimizer (mixed_float16).
       scaled_loss = self.optimizer.scale_loss(loss)
     gradients = tape.gradient(scaled_loss, self.model.trainable_variables)
-    nonfinite = tf.cast(tf.logical_not(tf.math.is_finite(loss)), tf.int32)
-    if not self._loss_scaling:
-      # With loss scaling, overflowing gradients are routine: the
-      # LossScaleOptimizer skips them and lowers its scale by itself.
-      for g in gradients:
-        nonfinite += tf.cast(
-            tf.logical_not(tf.reduce_all(tf.math.is_finite(g))), tf.int32)
-    return loss, gradients, _num_correct(logits, labels), nonfinite
+    return loss, gradients, _num_correct(logits, labels)
 
   def _replica_forward_backward(self, images, labels):
-    loss, gradients, correct, nonfinite = self._replica_gradients(
+    loss, gradients, correct = self._replica_gradients(
         images, labels, self._step_batch_size(labels))
-    return loss, gradients, correct, tf.size(labels, tf.int64), nonfinite
-
-  def _replica_apply_step(self, gradients):
-    self.optimizer.apply_gradients(
-        zip(gradients, self.model.trainable_variables))
+    gradients = tf.distribute.get_replica_context().all_reduce(_SUM,
+                                                               gradients)
+    if self._loss_scaling:
+      # The scale is a power of two, so unscaling after the sum is exact.
+      scale = tf.convert_to_tensor(self.optimizer.dynamic_scale)
+      gradients = [g / tf.cast(scale, g.dtype) for g in gradients]
+    norm = tf.linalg.global_norm(gradients)
+    if self.clip_grad_norm:
+      gradients, _ = tf.clip_by_global_norm(gradients, self.clip_grad_norm,
+                                            use_norm=norm)
+    return loss, gradients, correct, tf.size(labels, tf.int64), norm
 
   def _replica_eval_step(self, images, labels):
     logits = tf.cast(self.model(images, training=False), self.loss_dtype)
     loss_sum = tf.reduce_sum(self.loss_fn(labels, logits))
-    return loss_sum, _num_correct(logits, labels), tf.size(labels, tf.int64)
+    predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    confusion = tf.math.confusion_matrix(
+        tf.cast(labels, tf.int32), predicted, num_classes=logits.shape[-1],
+        dtype=tf.int64)
+    return loss_sum, confusion
 
   # Cross-replica context -------------------------------------------------
+
+  def _replica_apply_step(self, gradients):
+    if self._loss_scaling:
+      # The LossScaleOptimizer unscales again (and skips overflowing steps).
+      scale = tf.convert_to_tensor(self.optimizer.dynamic_scale)
+      gradients = [g * tf.cast(scale, g.dtype) for g in gradients]
+    self.optimizer.apply_gradients(
+        zip(gradients, self.model.trainable_variables))
 
   def _train_steps(self, iterator, num_steps):
     """Runs up to ``num_steps`` training steps.
@@ -174,53 +204,79 @@ class StepRunner:
     Returns:
       A dict: ``step_losses`` ``[num_steps]`` (each step's global mean loss
       including regularization, as minimized; float32, or float64 for a
-      float64 model), ``correct`` and ``count`` int64 (over the steps'
+      float64 model), ``step_grad_norms`` ``[num_steps]`` (L2 norm of each
+      step's global gradient, unscaled, before clipping),
+      ``step_learning_rates`` ``[num_steps]`` float32 (the rate of each
+      step's update), ``correct`` and ``count`` int64 (over the steps'
       examples, before each update), ``skipped`` int32 (steps whose update
       was not applied because the loss or a gradient was not finite),
       ``nonfinite_step`` int32 (index in this call of the first such step,
-      -1 if none). Under ``nan_policy="stop"`` no step after it runs and its
-      ``step_losses`` entries stay 0.
+      -1 if none), ``last_gradients`` (the last applied step's gradient per
+      trainable variable, after clipping; zeros if none). Under
+      ``nan_policy="stop"`` no step after a non-finite one runs and its
+      entries stay 0.
     """
     losses = tf.TensorArray(self.loss_dtype, size=num_steps, element_shape=())
+    norms = tf.TensorArray(self.loss_dtype, size=num_steps, element_shape=())
+    rates = tf.TensorArray(tf.float32, size=num_steps, element_shape=())
     correct = tf.constant(0, tf.int64)
     count = tf.constant(0, tf.int64)
     skipped = tf.constant(0)
     nonfinite_step = tf.constant(-1)
+    last_gradients = [tf.zeros(v.shape, v.dtype)
+                      for v in self.model.trainable_variables]
     for i in tf.range(num_steps):
       if self.nan_policy == "stop" and nonfinite_step >= 0:
         break
-      loss, gradients, c, n, bad = self.strategy.run(
+      loss, gradients, c, n, norm = self.strategy.run(
           self._replica_forward_backward, args=next(iterator))
-      losses = losses.write(i, self.strategy.reduce(_SUM, loss, axis=None))
+      step_loss = self.strategy.reduce(_SUM, loss, axis=None)
+      # Every replica holds the same all-reduced gradient, hence the same
+      # norm: any local copy will do, without another collective.
+      norm = tf.cast(self.strategy.experimental_local_results(norm)[0],
+                     self.loss_dtype)
+      losses = losses.write(i, step_loss)
+      norms = norms.write(i, norm)
+      rates = rates.write(i, optim.current_learning_rate(self.optimizer))
       correct += self.strategy.reduce(_SUM, c, axis=None)
       count += self.strategy.reduce(_SUM, n, axis=None)
-      # Checked over all replicas, so every replica takes the same branch.
-      if self.strategy.reduce(_SUM, bad, axis=None) == 0:
+      if self._loss_scaling:
+        # Overflowing float16 gradients are routine: the LossScaleOptimizer
+        # skips them and lowers its scale. A non-finite loss is counted.
+        good = tf.math.is_finite(step_loss)
+      else:
+        good = tf.logical_and(tf.math.is_finite(step_loss),
+                              tf.math.is_finite(norm))
+      if good:
         self.strategy.run(self._replica_apply, args=(gradients,))
+        last_gradients = [self.strategy.experimental_local_results(g)[0]
+                          for g in gradients]
       else:
         skipped += 1
         if nonfinite_step < 0:
           nonfinite_step = i
-    return {"step_losses": losses.stack(), "correct": correct,
+    return {"step_losses": losses.stack(), "step_grad_norms": norms.stack(),
+            "step_learning_rates": rates.stack(), "correct": correct,
             "count": count, "skipped": skipped,
-            "nonfinite_step": nonfinite_step}
+            "nonfinite_step": nonfinite_step,
+            "last_gradients": last_gradients}
 
   def _eval_steps(self, iterator, num_steps):
     """Runs ``num_steps`` evaluation steps.
 
     Returns:
-      A dict of float64 ``loss_sum`` and int64 ``correct`` and ``count``,
-      summed over all replicas and steps.
+      A dict of float64 ``loss_sum`` and int64 ``confusion`` (``[C, C]``,
+      rows true classes, columns predictions), summed over all replicas and
+      steps.
     """
     loss_sum = tf.constant(0.0, tf.float64)
-    correct = tf.constant(0, tf.int64)
-    count = tf.constant(0, tf.int64)
+    num_classes = self.num_classes
+    confusion = tf.zeros([num_classes, num_classes], tf.int64)
     for _ in tf.range(num_steps):
-      l, c, n = self.strategy.run(self._replica_eval, args=next(iterator))
+      l, m = self.strategy.run(self._replica_eval, args=next(iterator))
       loss_sum += tf.cast(self.strategy.reduce(_SUM, l, axis=None), tf.float64)
-      correct += self.strategy.reduce(_SUM, c, axis=None)
-      count += self.strategy.reduce(_SUM, n, axis=None)
-    return {"loss_sum": loss_sum, "correct": correct, "count": count}
+      confusion += self.strategy.reduce(_SUM, m, axis=None)
+    return {"loss_sum": loss_sum, "confusion": confusion}
 
   def evaluate(self, dist_dataset, num_steps: int, steps_per_call: int = 100
                ) -> dict:
@@ -232,24 +288,33 @@ class StepRunner:
       steps_per_call: Steps per ``tf.function`` call.
 
     Returns:
-      ``{"loss", "accuracy", "correct", "count"}``: loss is the mean
-      per-example loss plus the regularization penalty (as
-      ``model.evaluate`` reports it); accuracy is correct / count.
+      ``{"loss", "accuracy", "correct", "count", "confusion",
+      "class_accuracy"}``: loss is the mean per-example cross-entropy plus
+      the regularization penalty (as ``model.evaluate`` reports it);
+      accuracy is correct / count; ``confusion`` is the ``[C, C]`` int64
+      numpy confusion matrix (rows true classes); ``class_accuracy`` the
+      ``[C]`` recall of each class (NaN for a class with no examples).
     """
     iterator = iter(dist_dataset)
-    loss_sum, correct, count = 0.0, 0, 0
+    loss_sum, confusion = 0.0, None
     done = 0
     while done < num_steps:
       n = min(steps_per_call, num_steps - done)
       out = self.eval_steps(iterator, tf.constant(n))
       loss_sum += float(out["loss_sum"])
-      correct += int(out["correct"])
-      count += int(out["count"])
+      m = out["confusion"].numpy()
+      confusion = m if confusion is None else confusion + m
       done += n
+    count = int(confusion.sum())
+    correct = int(np.trace(confusion))
+    per_class = confusion.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+      class_accuracy = np.diag(confusion) / per_class
     regularization = float(self._regularization())
     return {"loss": loss_sum / max(count, 1) + regularization,
             "accuracy": correct / max(count, 1),
-            "correct": correct, "count": count}
+            "correct": correct, "count": count, "confusion": confusion,
+            "class_accuracy": class_accuracy}
 
 
 def _num_correct(logits, labels):

@@ -121,7 +121,7 @@ def main(argv):
   table = _markdown(results, flops, ceiling)
   print(table)
   if FLAGS.json_out:
-    from research.loop import write_json
+    from research.files import write_json
     write_json(FLAGS.json_out, {
         "machine": {"cpu": cpu, "cores": os.cpu_count(),
                     "tensorflow": tf.__version__,

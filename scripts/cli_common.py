@@ -87,6 +87,10 @@ def register_validators(fv: flags.FlagValues) -> None:
       "learning_rate", lambda v: v is not None and v > 0,
       message="--learning_rate must be > 0", flag_values=fv)
 
+  flags.register_validator(
+      "lr_decay_rate", lambda v: v is not None and 0 < v <= 1,
+      message="--lr_decay_rate must be in (0, 1]", flag_values=fv)
+
   def data_dir_ok(values):
     dataset, data_dir = values["dataset"], values["data_dir"]
     if dataset == "folder" and not data_dir:
@@ -189,7 +193,31 @@ def train_config_from_flags(fv: flags.FlagValues, *, model_dir: str, strategy):
       keep_checkpoints=fv.keep_checkpoints, augment=fv.augment,
       keep_short_batch=fv.keep_short_batch,
       jit_compile=jit_compile, l2=fv.l2, deterministic=fv.deterministic,
-      nan_policy=fv.nan_policy, mixed_precision=fv.mixed_precision)
+      nan_policy=fv.nan_policy, mixed_precision=fv.mixed_precision,
+      optimizer=fv.optimizer, weight_decay=fv.weight_decay,
+      momentum=fv.momentum, nesterov=fv.nesterov,
+      lr_schedule=fv.lr_schedule, warmup_steps=fv.warmup_steps,
+      lr_decay_rate=fv.lr_decay_rate, lr_decay_steps=fv.lr_decay_steps,
+      label_smoothing=fv.label_smoothing, clip_grad_norm=fv.clip_grad_norm,
+      histogram_every_steps=fv.histogram_every_steps,
+      eval_images=fv.eval_images,
+      profile_steps=parse_profile_steps(fv.profile_steps), export=fv.export)
+
+
+def parse_profile_steps(value: str | None) -> tuple[int, int] | None:
+  """``"20,30"`` -> ``(20, 30)``; None stays None.
+
+  Raises:
+    UserError: unless two integers 1 <= FIRST <= LAST.
+  """
+  if not value:
+    return None
+  parts = value.split(",")
+  if (len(parts) == 2 and all(p.strip().isdigit() for p in parts) and
+      1 <= int(parts[0]) <= int(parts[1])):
+    return int(parts[0]), int(parts[1])
+  raise UserError(f"--profile_steps={value} is not FIRST,LAST with "
+                  f"1 <= FIRST <= LAST (e.g. 20,30)")
 
 
 def parse_image_size(value: str | None) -> tuple[int, int] | None:

@@ -46,8 +46,55 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                        "If > 0, the global batch is this times the number of "
                        "replicas (overrides --batch_size).", lower_bound=0,
                        flag_values=fv)
-  flags.DEFINE_float("learning_rate", 0.001, "Adam learning rate.",
+  flags.DEFINE_float("learning_rate", 0.001,
+                     "Base learning rate (the peak of a schedule).",
                      flag_values=fv)
+  flags.DEFINE_enum("optimizer", "adam", options.OPTIMIZERS,
+                    "adam, adamw (decoupled weight decay) or sgd (momentum).",
+                    flag_values=fv)
+  flags.DEFINE_float("weight_decay", 0.0,
+                     "Decoupled weight decay (x learning rate per step); "
+                     "adamw's, or Keras' for adam and sgd. 0: off.",
+                     lower_bound=0.0, flag_values=fv)
+  flags.DEFINE_float("momentum", 0.9, "sgd: momentum.", lower_bound=0.0,
+                     upper_bound=0.999999, flag_values=fv)
+  flags.DEFINE_bool("nesterov", False, "sgd: Nesterov momentum.",
+                    flag_values=fv)
+  flags.DEFINE_enum("lr_schedule", "constant", options.LR_SCHEDULES,
+                    "Learning-rate decay over the whole run, after warmup "
+                    "(formulas in research/optim.py).", flag_values=fv)
+  flags.DEFINE_integer("warmup_steps", 0,
+                       "Linear warmup from ~0 to --learning_rate.",
+                       lower_bound=0, flag_values=fv)
+  flags.DEFINE_float("lr_decay_rate", 0.1,
+                     "step/exponential: factor per --lr_decay_steps.",
+                     lower_bound=0.0, upper_bound=1.0, flag_values=fv)
+  flags.DEFINE_integer("lr_decay_steps", 0,
+                       "step/exponential: steps per --lr_decay_rate (0: step "
+                       "drops at 1/3 and 2/3 of training, exponential reaches "
+                       "the rate at the end).", lower_bound=0, flag_values=fv)
+  flags.DEFINE_float("label_smoothing", 0.0,
+                     "Smoothing of the training targets (eval loss stays the "
+                     "plain cross-entropy).", lower_bound=0.0,
+                     upper_bound=0.999, flag_values=fv)
+  flags.DEFINE_float("clip_grad_norm", 0.0,
+                     "Clip the global gradient (over all replicas) to this "
+                     "L2 norm; 0: off.", lower_bound=0.0, flag_values=fv)
+  flags.DEFINE_integer("histogram_every_steps", 0,
+                       "Weight and gradient histograms every N steps (at the "
+                       "end of the loop that reaches N); 0: off.",
+                       lower_bound=0, flag_values=fv)
+  flags.DEFINE_integer("eval_images", 24,
+                       "Test images shown with predictions in TensorBoard "
+                       "after each evaluation (0: none).", lower_bound=0,
+                       flag_values=fv)
+  flags.DEFINE_string("profile_steps", None,
+                      "FIRST,LAST: record a profiler trace of these global "
+                      "steps (TensorBoard's Profile tab; see BUILD.md).",
+                      flag_values=fv)
+  flags.DEFINE_bool("export", True,
+                    "Write a serving SavedModel to <model_dir>/export at the "
+                    "end.", flag_values=fv)
   flags.DEFINE_float("l2", 0.0, "Kernel L2 regularization factor.",
                      lower_bound=0.0, flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of initialization, data order and "
@@ -126,9 +173,11 @@ def main(argv):
         synthetic_test_size=FLAGS.synthetic_test_size,
         resize_to=cli.parse_image_size(FLAGS.resize_images))
     from research import loop  # Imported late: it pulls in Keras.
+    from research import run_record
     metrics = loop.train(config, strategy=strategy, data=data,
                          log=lambda line: print(line, flush=True),
-                         run_files={"flags.json": FLAGS.flag_values_dict()})
+                         run_files={"flags.json": FLAGS.flag_values_dict()},
+                         run_record=run_record.collect(sys.argv))
   except UserError as e:
     cli.exit_with_error(str(e), status=e.exit_status)
   except preemption.Preempted as e:

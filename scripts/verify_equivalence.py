@@ -144,7 +144,7 @@ def main(argv):
     payload["dataset"] = {"name": FLAGS.dataset, "data_dir": FLAGS.data_dir,
                           "train_examples": len(data.train_labels),
                           "test_examples": len(data.test_labels)}
-    from research.loop import write_json
+    from research.files import write_json
     write_json(FLAGS.json_out, payload)
   return 0 if report.passed else 1
 

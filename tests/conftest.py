@@ -107,6 +107,8 @@ def read_scalars(event_dir: str) -> dict[str, list[tuple[int, float]]]:
   import tensorflow as tf
   out = {}
   for tag in acc.Tags()["tensors"]:
+    if acc.SummaryMetadata(tag).plugin_data.plugin_name != "scalars":
+      continue  # Histograms, images, hparams.
     out[tag] = [(e.step, float(tf.make_ndarray(e.tensor_proto)))
                 for e in acc.Tensors(tag)]
   for tag in acc.Tags()["scalars"]:

@@ -42,9 +42,11 @@ def _assert_bitwise_equal(dir_a, dir_b):
 
 def _assert_each_step_once(model_dir):
   train = read_scalars(os.path.join(model_dir, "train"))
-  assert {"loss", "accuracy", "learning_rate"} <= set(train)
-  for tag in ("loss", "accuracy", "learning_rate"):
+  assert {"loss", "accuracy", "learning_rate", "grad_norm"} <= set(train)
+  for tag in ("loss", "accuracy"):
     assert [s for s, _ in train[tag]] == TRAIN_STEPS, tag
+  for tag in ("learning_rate", "grad_norm"):  # Logged at every step.
+    assert [s for s, _ in train[tag]] == list(range(1, TRAIN_STEPS[-1] + 1))
   evals = read_scalars(os.path.join(model_dir, "eval"))
   for tag in ("loss", "accuracy"):
     assert [s for s, _ in evals[tag]] == EVAL_STEPS, tag

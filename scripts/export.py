@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Exports a training run's checkpoint as a serving SavedModel.
+
+  python scripts/export.py --model_dir=logs/cifar10 [--checkpoint=...] \
+      [--export_dir=...]
+
+The SavedModel takes uint8 images [N, H, W, C] and returns class
+probabilities and the top class; see research/export.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+
+import cli_common as cli  # noqa: E402  (scripts/cli_common.py)
+from research.errors import UserError  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+  """Defines this script's flags on ``fv``."""
+  flags.DEFINE_string("model_dir", None, "The training run's directory.",
+                      flag_values=fv)
+  flags.DEFINE_string("checkpoint", None,
+                      "Checkpoint path prefix (default: the run's latest), "
+                      "e.g. <model_dir>/checkpoints/ckpt-1000.",
+                      flag_values=fv)
+  flags.DEFINE_string("export_dir", None,
+                      "Where to write the SavedModel (default: "
+                      "<model_dir>/export; replaced if it exists).",
+                      flag_values=fv)
+  flags.mark_flag_as_required("model_dir", flag_values=fv)
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.exit_with_error(f"unexpected arguments {argv[1:]}; this script takes "
+                        f"only flags")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # absl's INFO is TF's noise.
+  from research import export as export_lib
+  try:
+    model, spec, path = export_lib.load_model_from_run(FLAGS.model_dir,
+                                                       FLAGS.checkpoint)
+    export_dir = export_lib.export_saved_model(
+        model, FLAGS.export_dir or os.path.join(FLAGS.model_dir,
+                                                export_lib.EXPORT_SUBDIR),
+        class_names=spec["class_names"], image_shape=spec["image_shape"])
+  except UserError as e:
+    cli.exit_with_error(str(e), status=e.exit_status)
+  print(f"exported {path} to {export_dir}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags_or_exit)
