@@ -98,3 +98,19 @@ def test_tensorboard_serves_the_runs_scalars(tensorboard):
                     data=json.dumps({"experimentName": ""}).encode())
   names = {h["name"] for h in experiment["hparamInfos"]}
   assert {"learning_rate", "global_batch_size", "optimizer"} <= names
+  [group] = _get(f"{base}/data/plugin/hparams/session_groups", data=json.dumps(
+      {"experimentName": "", "startIndex": 0, "sliceSize": 10,
+       "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS",
+                           "STATUS_FAILURE", "STATUS_RUNNING"]}).encode()
+                 )["sessionGroups"]
+  assert group["name"] == "tiny"
+  assert group["hparams"]["optimizer"] == "adam"
+  assert group["hparams"]["global_batch_size"] == 32
+  final = {(m["name"]["group"], m["name"]["tag"]): m["value"]
+           for m in group["metricValues"]}
+  with open(os.path.join(model_dir, "metrics.json")) as f:
+    metrics = json.load(f)
+  np.testing.assert_allclose(final[("eval", "accuracy")],
+                             metrics["eval_accuracy"], rtol=1e-6)
+  np.testing.assert_allclose(final[("eval", "loss")], metrics["eval_loss"],
+                             rtol=1e-6)
