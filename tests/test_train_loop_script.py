@@ -134,6 +134,14 @@ BAD_FLAGS = [
     ("unwritable_model_dir", None, "is not a writable folder"),
     ("unknown_flag", ["--epochz=3"], "epochz"),
     ("missing_flagfile", ["--flagfile=configs/nope.flags"], "nope.flags"),
+    ("unknown_optimizer", ["--optimizer=lamb"], "optimizer"),
+    ("warmup_longer_than_run", ["--warmup_steps=48"],
+     "--warmup_steps=48 must be less than the run's 48 steps"),
+    ("zero_decay_rate", ["--lr_decay_rate=0"], "--lr_decay_rate must be in"),
+    ("bad_profile_steps", ["--profile_steps=9"],
+     "--profile_steps=9 is not FIRST,LAST"),
+    ("reversed_profile_steps", ["--profile_steps=9,3"],
+     "--profile_steps=9,3 is not FIRST,LAST"),
 ]
 
 
