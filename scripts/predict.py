@@ -5,7 +5,8 @@
 
 Prints one line per image: ``<path>: <class> <probability>, ...`` with the
 --top_k most likely classes. Images of another size are resized to the
-model's input size. Needs only TensorFlow, not this package.
+model's input size. The exported model needs only TensorFlow; this script
+also uses the repo's flag helpers (scripts/cli_common.py) for its errors.
 """
 
 from __future__ import annotations
