@@ -83,7 +83,12 @@ class EquivalenceConfig:
     keep_short_batch: Keep each epoch's last short batch.
     steps_per_loop: The loop's steps per ``tf.function`` call.
     jit_compile: XLA on both sides.
-    learning_rate: Adam's learning rate on both sides.
+    learning_rate: The base learning rate on both sides.
+    optimizer: ``adam``, ``adamw`` or ``sgd`` on both sides
+      (``optim.make_optimizer``, Keras' optimizers).
+    lr_schedule: The schedule over ``steps`` (``optim.make_schedule``).
+    warmup_steps: Its linear warmup.
+    weight_decay: Decoupled weight decay on both sides.
     seed: Seed of initialization and data order.
     dtype: ``float32``; ``float64`` for both models and losses (see
       ``default_dtype``); or a mixed policy, ``mixed_float16`` (both sides
@@ -103,6 +108,10 @@ class EquivalenceConfig:
   steps_per_loop: int = 50
   jit_compile: bool = False
   learning_rate: float = 0.001
+  optimizer: str = "adam"
+  lr_schedule: str = "constant"
+  warmup_steps: int = 0
+  weight_decay: float = 0.0
   seed: int = 0
   dtype: str = "float32"
   noise_floor: bool = False
@@ -218,6 +227,15 @@ def _keras_dtype(dtype: str):
     tf.keras.config.set_floatx(previous_floatx)
 
 
+def _optimizer(config, precision, steps):
+  """The same optimizer settings for both sides (a fresh instance each)."""
+  schedule = optim.make_schedule(
+      config.lr_schedule, base_learning_rate=config.learning_rate,
+      total_steps=steps, warmup_steps=config.warmup_steps)
+  return optim.make_optimizer(schedule, precision, name=config.optimizer,
+                              weight_decay=config.weight_decay)
+
+
 def _run_loop(config, data, strategy, initial_weights, train_dataset,
               eval_dataset, steps):
   """Trains with our loop; returns (losses, model, eval result)."""
@@ -226,7 +244,7 @@ def _run_loop(config, data, strategy, initial_weights, train_dataset,
                                             l2=config.l2), data.image_shape)
     for w, value in zip(net.weights, initial_weights):
       w.assign(value)
-    optimizer = optim.make_optimizer(config.learning_rate, config.dtype)
+    optimizer = _optimizer(config, config.dtype, steps)
     optimizer.build(net.trainable_variables)
     kwargs = dict(strategy=strategy, model=net, optimizer=optimizer,
                   global_batch_size=config.global_batch_size,
@@ -262,7 +280,8 @@ def _run_fit(config, data, strategy, initial_weights, train_dataset,
       first.flat[0] = np.nextafter(first.flat[0], first.dtype.type(np.inf))
       seq.weights[0].assign(first)
     seq.compile(
-        optimizer=tf.keras.optimizers.Adam(learning_rate=config.learning_rate),
+        # compile wraps it in a LossScaleOptimizer itself for float16.
+        optimizer=_optimizer(config, "float32", steps),
         loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"], jit_compile=config.jit_compile,
         steps_per_execution=1)

@@ -54,7 +54,16 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                        lower_bound=1, flag_values=fv)
   flags.DEFINE_bool("jit_compile", False, "XLA on both sides.",
                     flag_values=fv)
-  flags.DEFINE_float("learning_rate", 0.001, "Adam learning rate.",
+  flags.DEFINE_enum("optimizer", "adam", options.OPTIMIZERS,
+                    "Optimizer on both sides.", flag_values=fv)
+  flags.DEFINE_enum("lr_schedule", "constant", options.LR_SCHEDULES,
+                    "Learning-rate schedule over --steps on both sides.",
+                    flag_values=fv)
+  flags.DEFINE_integer("warmup_steps", 0, "Linear warmup steps.",
+                       lower_bound=0, flag_values=fv)
+  flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay.",
+                     lower_bound=0.0, flag_values=fv)
+  flags.DEFINE_float("learning_rate", 0.001, "Base learning rate.",
                      flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of initialization and data order.",
                        flag_values=fv)
@@ -126,7 +135,9 @@ def main(argv):
         replicas=replicas, fit_replicas=FLAGS.fit_replicas, l2=FLAGS.l2,
         keep_short_batch=FLAGS.keep_short_batch,
         steps_per_loop=FLAGS.steps_per_loop, jit_compile=FLAGS.jit_compile,
-        learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
+        learning_rate=FLAGS.learning_rate, optimizer=FLAGS.optimizer,
+        lr_schedule=FLAGS.lr_schedule, warmup_steps=FLAGS.warmup_steps,
+        weight_decay=FLAGS.weight_decay, seed=FLAGS.seed,
         dtype=(equivalence.default_dtype(replicas, FLAGS.fit_replicas)
                if FLAGS.dtype == "auto" else FLAGS.dtype),
         noise_floor=FLAGS.noise_floor, fault=FLAGS.inject_fault, fault_step=FLAGS.fault_step)
