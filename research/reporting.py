@@ -133,16 +133,17 @@ class TrainReporter:
              f"ETA {format_duration(eta)}{skipped_note}")
 
   def evaluation(self, *, step: int, result: dict, seconds: float,
-                 sample_images: np.ndarray | None = None) -> None:
+                 sample_images: tuple[np.ndarray, np.ndarray] | None = None
+                 ) -> None:
     """Reports an evaluation at global step ``step``.
 
     Args:
       step: The global step.
       result: ``StepRunner.evaluate``'s result.
       seconds: Its wall time.
-      sample_images: uint8 test images to show with the model's predictions
-        (None or empty: no grid). Their labels come with them as
-        ``(images, labels)``.
+      sample_images: ``(images, labels)``: uint8 test images and their
+        labels, shown with the model's predictions (None or no images: no
+        grid).
     """
     scalars = {"loss": result["loss"], "accuracy": result["accuracy"]}
     for name, value in zip(self.class_names, result["class_accuracy"]):
