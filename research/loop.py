@@ -155,6 +155,8 @@ class TrainingState:
       curves. It equals ``optimizer.iterations`` unless steps were skipped.
     skipped_steps: Steps whose update a non-finite loss skipped.
     checkpoint: All of the above that is state.
+    learning_rate: The optimizer's rate: a float (held in a checkpointed
+      variable) or a schedule of the step.
   """
   model: tf.keras.Model
   optimizer: tf.keras.optimizers.Optimizer
@@ -162,6 +164,7 @@ class TrainingState:
   global_step: tf.Variable
   skipped_steps: tf.Variable
   checkpoint: tf.train.Checkpoint
+  learning_rate: float | tf.keras.optimizers.schedules.LearningRateSchedule
 
 
 def build_training_state(config: TrainConfig, *,
@@ -212,7 +215,7 @@ def build_training_state(config: TrainConfig, *,
                                    global_step=global_step,
                                    skipped_steps=skipped_steps)
   return TrainingState(model, optimizer, runner, global_step, skipped_steps,
-                       checkpoint)
+                       checkpoint, learning_rate)
 
 
 def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
@@ -278,7 +281,7 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
       directory=os.path.join(config.model_dir, "checkpoints"),
       max_to_keep=config.keep_checkpoints, is_chief=chief)
   restored = keeper.restore_latest()
-  if config.lr_schedule == "constant" and not config.warmup_steps:
+  if isinstance(state.learning_rate, float):
     # A plain rate lives in a checkpointed variable; the flag wins.
     optimizer.learning_rate = config.learning_rate
   step = int(global_step.numpy())

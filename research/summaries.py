@@ -24,7 +24,11 @@ HPARAMS_TAG = "_hparams_/session_start_info"
 
 
 def last_logged_steps(event_dir: str) -> dict[str, int]:
-  """The highest step of each scalar tag in ``event_dir`` (empty if none)."""
+  """The highest step of each tag in ``event_dir`` (empty if none).
+
+  TF2 writes every summary (scalars, histograms, images, hparams) as a tensor
+  summary; ``scalars`` covers event files of older writers.
+  """
   if not tf.io.gfile.isdir(event_dir):
     return {}
   acc = event_accumulator.EventAccumulator(
@@ -32,10 +36,6 @@ def last_logged_steps(event_dir: str) -> dict[str, int]:
                                 event_accumulator.SCALARS: 0})
   acc.Reload()
   last = {}
-  for tag in acc.Tags()["images"]:
-    last[tag] = max(e.step for e in acc.Images(tag))
-  for tag in acc.Tags()["histograms"]:
-    last[tag] = max(e.step for e in acc.Histograms(tag))
   for tag in acc.Tags()["tensors"]:
     last[tag] = max(e.step for e in acc.Tensors(tag))
   for tag in acc.Tags()["scalars"]:
