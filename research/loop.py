@@ -205,7 +205,8 @@ def build_training_state(config: TrainConfig, *,
         keep_short_batch=config.keep_short_batch,
         jit_compile=config.jit_compile, nan_policy=config.nan_policy,
         label_smoothing=config.label_smoothing,
-        clip_grad_norm=config.clip_grad_norm)
+        clip_grad_norm=config.clip_grad_norm,
+        keep_last_gradients=config.histogram_every_steps > 0)
   # Plain (not mirrored) variables: only the host reads and writes them.
   global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
                             name="global_step")

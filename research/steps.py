@@ -40,7 +40,8 @@ class StepRunner:
                model: tf.keras.Model, optimizer: tf.keras.optimizers.Optimizer,
                global_batch_size: int, keep_short_batch: bool = False,
                jit_compile: bool = False, nan_policy: str = "stop",
-               label_smoothing: float = 0.0, clip_grad_norm: float = 0.0):
+               label_smoothing: float = 0.0, clip_grad_norm: float = 0.0,
+               keep_last_gradients: bool = False):
     """Builds the step functions (they trace on first call).
 
     Args:
@@ -60,6 +61,8 @@ class StepRunner:
         Evaluation always reports the plain cross-entropy.
       clip_grad_norm: If > 0, the global gradient (over all replicas) is
         scaled down to at most this L2 norm before the update.
+      keep_last_gradients: Return each call's last applied gradient (for
+        histograms); off, no extra copy of the gradients stays alive.
 
     Raises:
       ValueError: if ``global_batch_size`` is not positive or not divisible by
@@ -87,6 +90,7 @@ class StepRunner:
     self.nan_policy = nan_policy
     self.label_smoothing = label_smoothing
     self.clip_grad_norm = clip_grad_norm
+    self.keep_last_gradients = keep_last_gradients
     # The logits' width: the last trainable variable is the output bias.
     self.num_classes = int(getattr(model, "num_classes", 0) or
                            model.trainable_variables[-1].shape[-1])
@@ -211,8 +215,9 @@ class StepRunner:
       examples, before each update), ``skipped`` int32 (steps whose update
       was not applied because the loss or a gradient was not finite),
       ``nonfinite_step`` int32 (index in this call of the first such step,
-      -1 if none), ``last_gradients`` (the last applied step's gradient per
-      trainable variable, after clipping; zeros if none). Under
+      -1 if none), and with ``keep_last_gradients`` ``last_gradients`` (the
+      last applied step's gradient per trainable variable, after clipping;
+      zeros if none). Under
       ``nan_policy="stop"`` no step after a non-finite one runs and its
       entries stay 0.
     """
@@ -223,8 +228,9 @@ class StepRunner:
     count = tf.constant(0, tf.int64)
     skipped = tf.constant(0)
     nonfinite_step = tf.constant(-1)
-    last_gradients = [tf.zeros(v.shape, v.dtype)
-                      for v in self.model.trainable_variables]
+    last_gradients = ([tf.zeros(v.shape, v.dtype)
+                       for v in self.model.trainable_variables]
+                      if self.keep_last_gradients else [])
     for i in tf.range(num_steps):
       if self.nan_policy == "stop" and nonfinite_step >= 0:
         break
@@ -249,17 +255,20 @@ class StepRunner:
                               tf.math.is_finite(norm))
       if good:
         self.strategy.run(self._replica_apply, args=(gradients,))
-        last_gradients = [self.strategy.experimental_local_results(g)[0]
-                          for g in gradients]
+        if self.keep_last_gradients:
+          last_gradients = [self.strategy.experimental_local_results(g)[0]
+                            for g in gradients]
       else:
         skipped += 1
         if nonfinite_step < 0:
           nonfinite_step = i
-    return {"step_losses": losses.stack(), "step_grad_norms": norms.stack(),
-            "step_learning_rates": rates.stack(), "correct": correct,
-            "count": count, "skipped": skipped,
-            "nonfinite_step": nonfinite_step,
-            "last_gradients": last_gradients}
+    out = {"step_losses": losses.stack(), "step_grad_norms": norms.stack(),
+           "step_learning_rates": rates.stack(), "correct": correct,
+           "count": count, "skipped": skipped,
+           "nonfinite_step": nonfinite_step}
+    if self.keep_last_gradients:
+      out["last_gradients"] = last_gradients
+    return out
 
   def _eval_steps(self, iterator, num_steps):
     """Runs ``num_steps`` evaluation steps.

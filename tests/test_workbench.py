@@ -114,7 +114,8 @@ def test_grad_norm_is_the_norm_of_the_global_gradient():
     optimizer.build(net.trainable_variables)
     runner = steps_lib.StepRunner(strategy=strategy, model=net,
                                   optimizer=optimizer, global_batch_size=16,
-                                  clip_grad_norm=0.01)
+                                  clip_grad_norm=0.01,
+                                  keep_last_gradients=True)
   x, y = next(iter(data_lib.make_train_dataset(data, global_batch_size=16,
                                                seed=0, num_epochs=1)))
   before = [v.numpy() for v in net.trainable_variables]
