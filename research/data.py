@@ -257,6 +257,18 @@ def _list_split(root: str, split: str) -> tuple[list[str], dict[str, list[str]]]
   return classes, files
 
 
+def resize_uint8(image, size: tuple[int, int], *, antialias: bool = False):
+  """Resizes uint8 pixels (bilinear) and rounds them back to uint8.
+
+  Args:
+    image: uint8 ``[H, W, C]`` (or a batch of them).
+    size: ``(height, width)``.
+    antialias: Filter when shrinking (for arbitrary user images).
+  """
+  resized = tf.image.resize(image, size, antialias=antialias)
+  return tf.cast(tf.round(tf.clip_by_value(resized, 0, 255)), tf.uint8)
+
+
 def _decode_images(paths: list[str], resize_to: tuple[int, int] | None
                    ) -> np.ndarray:
   """Decodes image files in parallel into one uint8 array ``[n, H, W, 3]``.
@@ -272,9 +284,7 @@ def _decode_images(paths: list[str], resize_to: tuple[int, int] | None
                                expand_animations=False)
     size = tf.shape(image)[:2]
     if resize_to:
-      image = tf.cast(tf.round(tf.clip_by_value(
-          tf.image.resize(image, target), 0, 255)), tf.uint8)
-      return image, size, True
+      return resize_uint8(image, target), size, True
     ok = tf.reduce_all(tf.equal(size, target))
     # A wrong-sized image is replaced by zeros so batching works; the flag
     # reports it below, so nothing wrong is ever used silently.

@@ -6,7 +6,8 @@
 Prints one line per image: ``<path>: <class> <probability>, ...`` with the
 --top_k most likely classes. Images of another size are resized to the
 model's input size. The exported model needs only TensorFlow; this script
-also uses the repo's flag helpers (scripts/cli_common.py) for its errors.
+also uses the repo's flag helpers (scripts/cli_common.py) and the resize of
+research/data.py.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def load_images(paths, height: int, width: int, channels: int):
     ValueError: naming the first path that is missing or not an image.
   """
   import tensorflow as tf
+  from research.data import resize_uint8
   images = []
   for path in paths:
     if not os.path.isfile(path):
@@ -53,9 +55,7 @@ def load_images(paths, height: int, width: int, channels: int):
       raise ValueError(f"cannot decode {path} as an image (JPEG, PNG, GIF or "
                        f"BMP)") from None
     if tuple(image.shape[:2]) != (height, width):
-      image = tf.cast(tf.round(tf.clip_by_value(
-          tf.image.resize(image, [height, width], antialias=True), 0, 255)),
-                      tf.uint8)
+      image = resize_uint8(image, (height, width), antialias=True)
     images.append(image)
   return tf.stack(images)
 
