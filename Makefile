@@ -8,7 +8,12 @@ PY := $(VENV)/bin/python
 FLAGS ?= configs/cifar10.flags
 ARGS ?=
 
-.PHONY: install train smoke test bench clean
+# Three pytest workers (pytest-xdist) on two cores, since part of the time a
+# worker waits on a process it started; a test file at a time each, so a file's
+# shared fixtures (a reference run, a batch of equivalence cases) run once.
+PYTEST := $(PY) -m pytest -n 3 --dist loadfile
+
+.PHONY: install train smoke test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +29,14 @@ train: install
 smoke: install
 	$(PY) scripts/train_loop.py --flagfile=configs/smoke.flags $(ARGS)
 
+# The whole suite (what CI runs): about 5 minutes on 2 cores.
 test: install
-	$(PY) -m pytest tests
+	$(PYTEST) tests
+
+# The inner development loop: everything that runs in this process, in
+# well under a minute; leaves out what starts processes (marked slow).
+test-fast: install
+	$(PYTEST) -m "not slow" tests
 
 # Loop vs model.fit throughput (BENCHMARKS.md). Real data:
 # make bench ARGS="--dataset=folder --data_dir=/tmp/cifar10-jpeg"

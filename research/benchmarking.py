@@ -18,7 +18,10 @@ import tensorflow as tf
 
 from research import data as data_lib
 from research import model as model_lib
-from research import steps as steps_lib
+from research.config import ModelConfig
+from research.config import OptimizerConfig
+from research.config import StepConfig
+from research.training import build_training
 
 
 def training_flops_per_example(model: tf.keras.Model, image_shape) -> int:
@@ -72,12 +75,13 @@ class LoopContender:
                steps_per_loop: int, jit_compile: bool, seed: int = 0):
     self.strategy = tf.distribute.get_strategy()
     tf.keras.utils.set_random_seed(seed)
-    model = model_lib.build(model_lib.ConvNet())
-    optimizer = tf.keras.optimizers.Adam()
-    optimizer.build(model.trainable_variables)
-    self.runner = steps_lib.StepRunner(
-        strategy=self.strategy, model=model, optimizer=optimizer,
-        global_batch_size=global_batch_size, jit_compile=jit_compile)
+    _, self.runner = build_training(
+        strategy=self.strategy, model_config=ModelConfig(),
+        optimizer_config=OptimizerConfig(),
+        step_config=StepConfig(global_batch_size=global_batch_size,
+                               jit_compile=jit_compile),
+        num_classes=model_lib.NUM_CLASSES, image_shape=model_lib.IMAGE_SHAPE,
+        total_steps=1)
     self.iterator = iter(dataset)
     self.steps_per_loop = steps_per_loop
 

@@ -105,6 +105,11 @@ class CheckpointKeeper:
                 f"{list(shape)} here")
     return None
 
+  def latest(self) -> str | None:
+    """The newest checkpoint of the run (None on a non-chief worker, whose
+    saves are thrown away, or before the first save)."""
+    return self.manager.latest_checkpoint if self.is_chief else None
+
   def save(self, step: int) -> str:
     """Saves a checkpoint numbered ``step``.
 

@@ -1,8 +1,10 @@
 """Data sources and the ``tf.data`` input pipeline.
 
-Sources (``load_data``) return an ``ArrayData``: uint8 images and int32 labels
-held in memory. CIFAR-10 is 150 MB as uint8, so decoding once and keeping the
-arrays is the cache; every epoch after that only gathers and converts.
+Sources (the ``DATASETS`` registry, read by ``load``) return an
+``ArrayData``: uint8 images and int32 labels held in memory. CIFAR-10 is 150 MB
+as uint8, so decoding once and keeping the arrays is the cache; every epoch
+after that only gathers and converts. Adding a source is one function and one
+``register_dataset`` line.
 
 The pipeline works on *indices*. Each epoch's order is a stateless shuffle of
 ``range(n)`` keyed by ``(seed, epoch)``, and augmentation draws are keyed by
@@ -24,12 +26,14 @@ import dataclasses
 import os
 import pickle
 import zipfile
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 
+from research.config import DataConfig
 from research.errors import UserError
-from research.options import DATASETS
+from research.registry import Registry
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog",
                    "frog", "horse", "ship", "truck")
@@ -67,20 +71,31 @@ class ArrayData:
 # Sources.
 
 
-def load_data(name: str, *, data_dir: str | None = None, seed: int = 0,
-              synthetic_train_size: int = 1024,
-              synthetic_test_size: int = 256,
-              resize_to: tuple[int, int] | None = None) -> ArrayData:
-  """Loads a dataset by name.
+# (config, *, seed) -> ArrayData.
+DataSource = Callable[..., ArrayData]
+
+DATASETS: Registry[DataSource] = Registry("dataset")
+
+
+def register_dataset(name: str, load: DataSource) -> None:
+  """Makes ``--dataset=name`` load its data with ``load(config, seed=...)``.
+
+  ``load`` gets the run's ``DataConfig`` and seed and returns an
+  ``ArrayData``; it raises ``UserError`` for data that is missing or
+  malformed.
+
+  Raises:
+    ValueError: if the name is taken or malformed.
+  """
+  DATASETS.register(name, load)
+
+
+def load(config: DataConfig, *, seed: int = 0) -> ArrayData:
+  """Loads the registered dataset ``config.dataset``.
 
   Args:
-    name: One of ``DATASETS``.
-    data_dir: Folder to read from (``cifar10``: optional; ``folder``:
-      required; ``synthetic``: ignored).
-    seed: Seed of the synthetic data.
-    synthetic_train_size: Number of synthetic training examples.
-    synthetic_test_size: Number of synthetic test examples.
-    resize_to: ``folder``: resize every image to ``(height, width)``.
+    config: Which dataset and where it is.
+    seed: The run's seed (synthetic data is drawn with it).
 
   Returns:
     The dataset as an ``ArrayData``.
@@ -88,17 +103,7 @@ def load_data(name: str, *, data_dir: str | None = None, seed: int = 0,
   Raises:
     UserError: for an unknown name, or data that is missing or malformed.
   """
-  if name == "cifar10":
-    return load_cifar10(data_dir)
-  if name == "folder":
-    if not data_dir:
-      raise UserError("--dataset=folder needs --data_dir=<folder with train/ "
-                      "and test/ class subfolders>")
-    return load_image_folder(data_dir, resize_to=resize_to)
-  if name == "synthetic":
-    return make_synthetic(num_train=synthetic_train_size,
-                          num_test=synthetic_test_size, seed=seed)
-  raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+  return DATASETS.get(config.dataset)(config, seed=seed)
 
 
 class _BatchFileUnpickler(pickle.Unpickler):
@@ -394,6 +399,22 @@ def make_synthetic(*, num_train: int, num_test: int, seed: int,
 
   return ArrayData(*split(num_train), *split(num_test),
                    tuple(f"class_{i}" for i in range(num_classes)))
+
+
+def _load_folder(config: DataConfig, *, seed: int) -> ArrayData:
+  del seed
+  if not config.data_dir:
+    raise UserError("--dataset=folder needs --data_dir=<folder with train/ "
+                    "and test/ class subfolders>")
+  return load_image_folder(config.data_dir, resize_to=config.resize_images)
+
+
+register_dataset("cifar10",
+                 lambda config, seed: load_cifar10(config.data_dir))
+register_dataset("folder", _load_folder)
+register_dataset("synthetic", lambda config, seed: make_synthetic(
+    num_train=config.synthetic_train_size,
+    num_test=config.synthetic_test_size, seed=seed))
 
 
 # --------------------------------------------------------------------------

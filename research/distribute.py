@@ -7,6 +7,7 @@ then. ``create_strategy`` is then called before any other TensorFlow op.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -34,12 +35,34 @@ def configure_devices(*, cpu_replicas: int = 0) -> None:
   if cpu_replicas <= 1:
     return
   cpu = tf.config.list_physical_devices("CPU")[0]
+  wanted = [tf.config.LogicalDeviceConfiguration()] * cpu_replicas
+  if tf.config.get_logical_device_configuration(cpu) == wanted:
+    return  # Already split so (a second run in the same process).
   try:
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)
+    tf.config.set_logical_device_configuration(cpu, wanted)
   except RuntimeError as e:
     raise UserError(f"cannot split the CPU into {cpu_replicas} devices after "
                     f"TensorFlow initialized ({e})") from None
+
+
+# Each MirroredStrategy numbers its collectives from group key 1 + this
+# base. With the same base for all (TensorFlow's default), a second strategy
+# in one process that all-reduces a tensor of another shape or dtype under a
+# key the first one used fails ("Shape mismatch in the collective instance
+# 100"), e.g. two runs of different models in a notebook. TensorFlow gives
+# the base no public setter (its own tests set this class attribute).
+_COLLECTIVE_KEY_BASES = itertools.count(0, 10_000)
+
+
+def mirrored_strategy(devices) -> tf.distribute.MirroredStrategy:
+  """A ``MirroredStrategy`` over ``devices`` whose collective keys no other
+  strategy of this process uses."""
+  cls = tf.distribute.MirroredStrategy
+  cls._collective_key_base = next(_COLLECTIVE_KEY_BASES)  # pylint: disable=protected-access
+  try:
+    return cls(list(devices))
+  finally:
+    cls._collective_key_base = 0  # pylint: disable=protected-access
 
 
 def create_strategy(name: str = "auto", *, num_gpus: int | None = None,
@@ -84,10 +107,10 @@ def create_strategy(name: str = "auto", *, num_gpus: int | None = None,
   if name == "one_device":
     return tf.distribute.OneDeviceStrategy(gpus[0] if gpus else cpus[0])
   if name == "mirrored":
-    return tf.distribute.MirroredStrategy(replica_devices or cpus[:1])
+    return mirrored_strategy(replica_devices or cpus[:1])
   # auto
   if len(replica_devices) >= 2:
-    return tf.distribute.MirroredStrategy(replica_devices)
+    return mirrored_strategy(replica_devices)
   return tf.distribute.OneDeviceStrategy(gpus[0] if gpus else cpus[0])
 
 

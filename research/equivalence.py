@@ -1,9 +1,10 @@
 """Proof that the custom loop equals ``model.fit``, step by step.
 
-Both sides start from the same initial weights (the ``ConvNet`` is copied into
-the seed's ``Sequential`` form), use the same optimizer settings and loss, the
-same ``tf.data`` pipeline (same seed, order and batches), the same
-``jit_compile``, and run with op determinism on. Then every step's loss, every
+Both sides start from the same initial weights (the registered model's are
+copied into its ``Sequential`` twin, such as the seed's form of the
+``ConvNet``, or into a second instance of the model), use the same optimizer
+settings and loss, the same ``tf.data`` pipeline (same seed, order and
+batches), the same ``jit_compile``, and run with op determinism on. Then every step's loss, every
 weight after training, and the evaluation on the test split are compared.
 
 ``model.fit`` only logs a running mean of the loss over the epoch. A callback
@@ -22,11 +23,16 @@ import numpy as np
 import tensorflow as tf
 
 from research import data as data_lib
+from research import distribute
 from research import model as model_lib
 from research import optim
 from research import steps as steps_lib
+from research.config import ModelConfig
+from research.config import OptimizerConfig
+from research.config import StepConfig
 from research.options import FAULTS
 from research.options import PRECISIONS
+from research.training import build_training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,16 +85,13 @@ class EquivalenceConfig:
     steps: Training steps (None: one epoch).
     replicas: Replicas of the loop's strategy.
     fit_replicas: Replicas of ``fit``'s strategy (1: no strategy).
-    l2: Kernel L2 regularization on both models.
+    model: The registered model on both sides (``fit`` trains its
+      Sequential twin, or a second instance, from the same weights).
+    optimizer: The optimizer and schedule on both sides; the schedule runs
+      over ``steps``.
     keep_short_batch: Keep each epoch's last short batch.
     steps_per_loop: The loop's steps per ``tf.function`` call.
     jit_compile: XLA on both sides.
-    learning_rate: The base learning rate on both sides.
-    optimizer: ``adam``, ``adamw`` or ``sgd`` on both sides
-      (``optim.make_optimizer``, Keras' optimizers).
-    lr_schedule: The schedule over ``steps`` (``optim.make_schedule``).
-    warmup_steps: Its linear warmup.
-    weight_decay: Decoupled weight decay on both sides.
     seed: Seed of initialization and data order.
     dtype: ``float32``; ``float64`` for both models and losses (see
       ``default_dtype``); or a mixed policy, ``mixed_float16`` (both sides
@@ -103,15 +106,11 @@ class EquivalenceConfig:
   steps: int | None = None
   replicas: int = 1
   fit_replicas: int = 1
-  l2: float = 0.0
+  model: ModelConfig = ModelConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
   keep_short_batch: bool = False
   steps_per_loop: int = 50
   jit_compile: bool = False
-  learning_rate: float = 0.001
-  optimizer: str = "adam"
-  lr_schedule: str = "constant"
-  warmup_steps: int = 0
-  weight_decay: float = 0.0
   seed: int = 0
   dtype: str = "float32"
   noise_floor: bool = False
@@ -186,7 +185,7 @@ class _FaultyStepRunner(steps_lib.StepRunner):
 def _strategy(devices: Sequence[str]) -> tf.distribute.Strategy:
   if len(devices) == 1:
     return tf.distribute.OneDeviceStrategy(devices[0])
-  return tf.distribute.MirroredStrategy(list(devices))
+  return distribute.mirrored_strategy(devices)
 
 
 class _PerBatchLoss(tf.keras.callbacks.Callback):
@@ -227,32 +226,41 @@ def _keras_dtype(dtype: str):
     tf.keras.config.set_floatx(previous_floatx)
 
 
-def _optimizer(config, precision, steps):
-  """The same optimizer settings for both sides (a fresh instance each)."""
+def _fit_optimizer(config: EquivalenceConfig, steps: int):
+  """``fit``'s optimizer: the loop's settings, a fresh instance (``compile``
+  adds the LossScaleOptimizer of mixed_float16 by itself)."""
+  settings = config.optimizer
   schedule = optim.make_schedule(
-      config.lr_schedule, base_learning_rate=config.learning_rate,
-      total_steps=steps, warmup_steps=config.warmup_steps)
-  return optim.make_optimizer(schedule, precision, name=config.optimizer,
-                              weight_decay=config.weight_decay)
+      settings.lr_schedule, base_learning_rate=settings.learning_rate,
+      total_steps=steps, warmup_steps=settings.warmup_steps,
+      decay_rate=settings.lr_decay_rate, decay_steps=settings.lr_decay_steps)
+  return optim.make_optimizer(schedule, "float32", name=settings.name,
+                              weight_decay=settings.weight_decay,
+                              momentum=settings.momentum,
+                              nesterov=settings.nesterov)
 
 
 def _run_loop(config, data, strategy, initial_weights, train_dataset,
               eval_dataset, steps):
   """Trains with our loop; returns (losses, model, eval result)."""
-  with strategy.scope():
-    net = model_lib.build(model_lib.ConvNet(num_classes=data.num_classes,
-                                            l2=config.l2), data.image_shape)
-    for w, value in zip(net.weights, initial_weights):
-      w.assign(value)
-    optimizer = _optimizer(config, config.dtype, steps)
-    optimizer.build(net.trainable_variables)
-    kwargs = dict(strategy=strategy, model=net, optimizer=optimizer,
-                  global_batch_size=config.global_batch_size,
-                  keep_short_batch=config.keep_short_batch,
-                  jit_compile=config.jit_compile)
-    runner = (steps_lib.StepRunner(**kwargs) if config.fault == "none" else
-              _FaultyStepRunner(fault=config.fault,
-                                fault_step=config.fault_step, **kwargs))
+  step_config = StepConfig(
+      global_batch_size=config.global_batch_size,
+      keep_short_batch=config.keep_short_batch,
+      # float64 is no mixed policy: it comes from the caller's Keras dtype.
+      mixed_precision=config.dtype if config.dtype in PRECISIONS
+      else "float32",
+      jit_compile=config.jit_compile)
+  faulty = config.fault != "none"
+  state, runner = build_training(
+      strategy=strategy, model_config=config.model,
+      optimizer_config=config.optimizer, step_config=step_config,
+      num_classes=data.num_classes, image_shape=data.image_shape,
+      total_steps=steps,
+      runner_class=_FaultyStepRunner if faulty else steps_lib.StepRunner,
+      runner_args={"fault": config.fault, "fault_step": config.fault_step}
+      if faulty else None)
+  for w, value in zip(state.model.weights, initial_weights):
+    w.assign(value)
   iterator = iter(strategy.distribute_datasets_from_function(train_dataset))
   losses = []
   while len(losses) < steps:
@@ -262,7 +270,7 @@ def _run_loop(config, data, strategy, initial_weights, train_dataset,
   evaluation = runner.evaluate(
       strategy.distribute_datasets_from_function(eval_dataset),
       data_lib.eval_steps(len(data.test_labels), config.global_batch_size))
-  return losses, net, evaluation
+  return losses, state.model, evaluation
 
 
 def _run_fit(config, data, strategy, initial_weights, train_dataset,
@@ -270,9 +278,7 @@ def _run_fit(config, data, strategy, initial_weights, train_dataset,
   """Trains with ``model.fit``; returns (losses, model, eval result,
   recovery error of the per-batch loss)."""
   with strategy.scope():
-    seq = model_lib.build_sequential(num_classes=data.num_classes,
-                                     l2=config.l2,
-                                     input_shape=data.image_shape)
+    seq = _fit_model(config.model, data)
     for w, value in zip(seq.weights, initial_weights):
       w.assign(value)
     if perturb:  # One ulp on one weight: the smallest possible difference.
@@ -281,7 +287,7 @@ def _run_fit(config, data, strategy, initial_weights, train_dataset,
       seq.weights[0].assign(first)
     seq.compile(
         # compile wraps it in a LossScaleOptimizer itself for float16.
-        optimizer=_optimizer(config, "float32", steps),
+        optimizer=_fit_optimizer(config, steps),
         loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"], jit_compile=config.jit_compile,
         steps_per_execution=1)
@@ -301,6 +307,17 @@ def _run_fit(config, data, strategy, initial_weights, train_dataset,
                 "count": num_test}
   recovery_error = abs(recorder.losses[0] - direct_first_loss)
   return recorder.losses, seq, evaluation, recovery_error
+
+
+def _fit_model(config: ModelConfig, data) -> tf.keras.Model:
+  """The model ``fit`` trains: the registered Sequential twin, or else a
+  second instance of the registered model itself."""
+  entry = model_lib.MODELS.get(config.name)
+  if entry.sequential is None:
+    return model_lib.create(config, num_classes=data.num_classes,
+                            image_shape=data.image_shape)
+  return entry.sequential(config, num_classes=data.num_classes,
+                          image_shape=data.image_shape, dtype=None)
 
 
 def _max_weight_diff(a: tf.keras.Model, b: tf.keras.Model) -> tuple[float, str]:
@@ -357,9 +374,9 @@ def _run(config: EquivalenceConfig, data: data_lib.ArrayData,
         input_context=input_context)
 
   tf.keras.utils.set_random_seed(config.seed)
-  initial_weights = [w.numpy() for w in model_lib.build(
-      model_lib.ConvNet(num_classes=data.num_classes, l2=config.l2),
-      data.image_shape).weights]
+  initial_weights = [w.numpy() for w in model_lib.create(
+      config.model, num_classes=data.num_classes,
+      image_shape=data.image_shape).weights]
   datasets = (train_dataset, eval_dataset, steps)
   loop_losses, net, loop_eval = _run_loop(
       config, data, _strategy(devices[:config.replicas]), initial_weights,

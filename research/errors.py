@@ -1,4 +1,4 @@
-"""The error type for problems a user caused and can fix."""
+"""The error types for problems a user caused and can fix."""
 
 
 class UserError(Exception):
@@ -9,3 +9,9 @@ class UserError(Exception):
   """
 
   exit_status = 2
+
+
+class NonFiniteLossError(UserError):
+  """Training met a non-finite loss or gradient under ``nan_policy=stop``."""
+
+  exit_status = 3

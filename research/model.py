@@ -1,16 +1,31 @@
-"""The CIFAR-10 ConvNet of the seed document, in two equivalent forms.
+"""The models, and the registry that ``--model=NAME`` picks from.
 
-``ConvNet`` is the subclassed model the training loop uses. ``build_sequential``
-builds the seed's own ``tf.keras.Sequential`` form with the same layers in the
-same order (plus the ``Flatten`` the seed forgot), so ``model.fit`` can be run
-on the very same weights (see ``copy_weights``).
+``ConvNet`` is the CIFAR-10 network of the seed document, subclassed.
+``build_sequential`` builds the seed's own ``tf.keras.Sequential`` form with
+the same layers in the same order (plus the ``Flatten`` the seed forgot), so
+``model.fit`` can be run on the very same weights (see ``copy_weights``).
 
-Both return logits; pair them with ``from_logits=True`` losses.
+Every model returns logits; pair it with ``from_logits=True`` losses.
+
+Adding a model is one function and one registration line::
+
+    def mlp(config, *, num_classes, image_shape, dtype):
+      return MyMLP(num_classes, dtype=dtype)
+
+    register_model("mlp", mlp)
+
+The loop, the steps, the export and the equivalence tool then take it by name.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable, Sequence
+
 import tensorflow as tf
+
+from research.config import ModelConfig
+from research.registry import Registry
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
@@ -156,3 +171,77 @@ def copy_weights(source: tf.keras.Model, target: tf.keras.Model) -> None:
           f"cannot copy weights: {s.path} has shape {tuple(s.shape)} but "
           f"{d.path} has shape {tuple(d.shape)}")
     d.assign(s)
+
+
+# ---------------------------------------------------------------------------
+# The registry.
+
+# (config, *, num_classes, image_shape, dtype) -> an unbuilt Keras model.
+ModelFactory = Callable[..., tf.keras.Model]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+  """A registered model.
+
+  Attributes:
+    create: ``(config, *, num_classes, image_shape, dtype)`` -> a Keras model
+      returning logits; ``dtype`` is a Keras dtype policy name or None (the
+      global policy).
+    sequential: The same network as a ``tf.keras.Sequential`` (same
+      arguments, built), whose weights line up with ``create``'s; the
+      equivalence tool trains it with ``fit``. None: ``fit`` trains a second
+      instance of ``create``'s model.
+  """
+  create: ModelFactory
+  sequential: ModelFactory | None = None
+
+
+MODELS: Registry[ModelEntry] = Registry("model")
+
+
+def register_model(name: str, create: ModelFactory, *,
+                   sequential: ModelFactory | None = None) -> None:
+  """Makes ``--model=name`` build ``create(config, ...)`` (see ``ModelEntry``).
+
+  Raises:
+    ValueError: if the name is taken or malformed.
+  """
+  MODELS.register(name, ModelEntry(create, sequential))
+
+
+def create(config: ModelConfig, *, num_classes: int,
+           image_shape: Sequence[int], dtype: str | None = None
+           ) -> tf.keras.Model:
+  """Creates and builds the registered model ``config.name``.
+
+  Args:
+    config: The model's name and hyper-parameters.
+    num_classes: Number of output logits.
+    image_shape: ``(H, W, C)`` of one image.
+    dtype: Keras dtype policy name; None: the global policy.
+
+  Returns:
+    The built model (its variables exist).
+
+  Raises:
+    UserError: if no model of that name is registered.
+  """
+  entry = MODELS.get(config.name)
+  return build(entry.create(config, num_classes=num_classes,
+                            image_shape=tuple(image_shape), dtype=dtype),
+               image_shape)
+
+
+def _convnet(config: ModelConfig, *, num_classes: int, image_shape, dtype):
+  del image_shape  # Any size works; the dense layer sizes itself.
+  return ConvNet(num_classes=num_classes, l2=config.l2, dtype=dtype)
+
+
+def _convnet_sequential(config: ModelConfig, *, num_classes: int, image_shape,
+                        dtype):
+  return build_sequential(num_classes=num_classes, l2=config.l2,
+                          input_shape=image_shape, dtype=dtype)
+
+
+register_model("convnet", _convnet, sequential=_convnet_sequential)

@@ -182,6 +182,13 @@ def expect_presummed_gradients(optimizer: tf.keras.optimizers.Optimizer
   inner._all_reduce_sum_gradients = list  # pylint: disable=protected-access
 
 
+def applies_presummed_gradients(optimizer: tf.keras.optimizers.Optimizer
+                                ) -> bool:
+  """Whether ``expect_presummed_gradients`` was applied to ``optimizer``."""
+  inner = getattr(optimizer, "inner_optimizer", optimizer)
+  return vars(inner).get("_all_reduce_sum_gradients") is list
+
+
 def current_learning_rate(optimizer: tf.keras.optimizers.Optimizer
                           ) -> tf.Tensor:
   """The rate the optimizer's next update uses (float32 scalar)."""

@@ -1,12 +1,15 @@
-"""Names of the choices the library accepts.
+"""Names of the fixed choices the library accepts.
 
 Importable without TensorFlow, so scripts can define and validate their flags
-(and report a bad one) before TensorFlow loads.
+(and report a bad one) before TensorFlow loads. Models and datasets are not
+listed here: they are registries (``model.MODELS``, ``data.DATASETS``) that
+grow by registration.
 """
 
-DATASETS = ("cifar10", "folder", "synthetic")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+JIT_COMPILE = ("auto", "true", "false")
 FAULTS = ("none", "unscaled_loss", "unscaled_regularization")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "step", "exponential")
+NAN_POLICIES = ("stop", "skip")

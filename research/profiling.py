@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from research.controller import Action
+from research.controller import TrainCall
 
-class StepProfiler:
+
+class StepProfiler(Action):
   """Traces global steps ``first`` to ``last`` (1-based, inclusive).
 
-  The loop asks ``next_boundary`` so that its ``tf.function`` calls start
-  right before ``first`` and end right after ``last``. A run resumed past
-  ``first`` records nothing.
+  The controller asks ``next_boundary`` so that its ``tf.function`` calls
+  start right before ``first`` and end right after ``last``. A run resumed
+  past ``first`` records nothing.
   """
 
   def __init__(self, *, logdir: str, steps: tuple[int, int] | None,
@@ -33,7 +36,6 @@ class StepProfiler:
     self.logdir = logdir
     self.steps = steps if enabled else None
     self.active = False
-    self.recorded = False
 
   def next_boundary(self, step: int) -> int | None:
     """The next step count at which a call must end (None: no constraint)."""
@@ -46,20 +48,19 @@ class StepProfiler:
       return last
     return None
 
-  def before_call(self, step: int) -> None:
+  def before_train(self, step: int) -> None:
     """Starts tracing if the next step to run is ``first``."""
     if self.steps is not None and step == self.steps[0] - 1:
       tf.profiler.experimental.start(self.logdir)
       self.active = True
 
-  def after_call(self, step: int) -> None:
+  def after_train(self, call: TrainCall) -> None:
     """Stops tracing once ``last`` has run."""
-    if self.active and step >= self.steps[1]:
-      self.stop()
+    if self.active and call.step >= self.steps[1]:
+      self.close()
 
-  def stop(self) -> None:
+  def close(self) -> None:
     """Stops and writes the trace, if one is being recorded."""
     if self.active:
       tf.profiler.experimental.stop()
       self.active = False
-      self.recorded = True

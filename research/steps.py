@@ -19,9 +19,9 @@ import numpy as np
 import tensorflow as tf
 
 from research import optim
+from research.options import NAN_POLICIES
 
 _SUM = tf.distribute.ReduceOp.SUM
-NAN_POLICIES = ("stop", "skip")
 
 
 class StepRunner:
@@ -31,9 +31,10 @@ class StepRunner:
 
   Each training step all-reduces the gradients once, explicitly, so the
   gradient norm, the clipping and the finiteness check see the *global*
-  gradient; the optimizer is then told not to all-reduce again (see
-  ``optim.expect_presummed_gradients``). Keras 3 alone would clip before its
-  own all-reduce, that is per replica, which is not global-norm clipping.
+  gradient; the optimizer must then not all-reduce again: it must have been
+  through ``optim.expect_presummed_gradients`` (``training.build_training``
+  does that). Keras 3 alone would clip before its own all-reduce, that is per
+  replica, which is not global-norm clipping.
   """
 
   def __init__(self, *, strategy: tf.distribute.Strategy,
@@ -47,7 +48,9 @@ class StepRunner:
     Args:
       strategy: The distribution strategy.
       model: A built model returning logits.
-      optimizer: An optimizer already built on ``model.trainable_variables``.
+      optimizer: An optimizer already built on ``model.trainable_variables``
+        that applies pre-summed gradients
+        (``optim.expect_presummed_gradients``).
       global_batch_size: Examples per step over all replicas.
       keep_short_batch: Training batches may be short (an epoch's last). Then
         each step divides by the number of examples actually in it, summed
@@ -66,8 +69,9 @@ class StepRunner:
 
     Raises:
       ValueError: if ``global_batch_size`` is not positive or not divisible by
-        the number of replicas, ``nan_policy`` is unknown, or
-        ``label_smoothing``/``clip_grad_norm`` are out of range.
+        the number of replicas, ``nan_policy`` is unknown,
+        ``label_smoothing``/``clip_grad_norm`` are out of range, or the
+        optimizer would sum the already summed gradients again.
     """
     if nan_policy not in NAN_POLICIES:
       raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got "
@@ -82,6 +86,11 @@ class StepRunner:
                        f"{label_smoothing}")
     if clip_grad_norm < 0:
       raise ValueError(f"clip_grad_norm must be >= 0, got {clip_grad_norm}")
+    if not optim.applies_presummed_gradients(optimizer):
+      raise ValueError("the optimizer would all-reduce the step's already "
+                       "summed gradients again; pass it through "
+                       "optim.expect_presummed_gradients first (as "
+                       "training.build_training does)")
     self.strategy = strategy
     self.model = model
     self.optimizer = optimizer
@@ -96,7 +105,6 @@ class StepRunner:
                            model.trainable_variables[-1].shape[-1])
     self._loss_scaling = isinstance(optimizer,
                                     tf.keras.optimizers.LossScaleOptimizer)
-    optim.expect_presummed_gradients(optimizer)
     # Losses are computed in float32 at least: float16/bfloat16 logits (mixed
     # precision) are upcast, float64 models keep float64.
     self.loss_dtype = (tf.float64 if model.compute_dtype == "float64"
@@ -122,7 +130,7 @@ class StepRunner:
     self.train_steps = tf.function(self._train_steps)
     self.eval_steps = tf.function(self._eval_steps)
 
-  # Replica context -------------------------------------------------------
+  # Replica context: these run once per replica, under strategy.run. ------
 
   def _step_batch_size(self, labels):
     if not self.keep_short_batch:
@@ -135,7 +143,8 @@ class StepRunner:
   def _regularization(self):
     if not self.model.losses:
       return 0.0
-    return tf.add_n([tf.cast(l, self.loss_dtype) for l in self.model.losses])
+    return tf.add_n([tf.cast(penalty, self.loss_dtype)
+                     for penalty in self.model.losses])
 
   def replica_loss(self, labels, logits, global_batch_size):
     """This replica's share of the step's loss (replica context).
@@ -192,8 +201,6 @@ class StepRunner:
         dtype=tf.int64)
     return loss_sum, confusion
 
-  # Cross-replica context -------------------------------------------------
-
   def _replica_apply_step(self, gradients):
     if self._loss_scaling:
       # The LossScaleOptimizer unscales again (and skips overflowing steps).
@@ -201,6 +208,8 @@ class StepRunner:
       gradients = [g * tf.cast(scale, g.dtype) for g in gradients]
     self.optimizer.apply_gradients(
         zip(gradients, self.model.trainable_variables))
+
+  # Cross-replica context: the multi-step tf.functions, driving the replicas.
 
   def _train_steps(self, iterator, num_steps):
     """Runs up to ``num_steps`` training steps.
@@ -234,7 +243,7 @@ class StepRunner:
     for i in tf.range(num_steps):
       if self.nan_policy == "stop" and nonfinite_step >= 0:
         break
-      loss, gradients, c, n, norm = self.strategy.run(
+      loss, gradients, step_correct, step_count, norm = self.strategy.run(
           self._replica_forward_backward, args=next(iterator))
       step_loss = self.strategy.reduce(_SUM, loss, axis=None)
       # Every replica holds the same all-reduced gradient, hence the same
@@ -244,8 +253,8 @@ class StepRunner:
       losses = losses.write(i, step_loss)
       norms = norms.write(i, norm)
       rates = rates.write(i, optim.current_learning_rate(self.optimizer))
-      correct += self.strategy.reduce(_SUM, c, axis=None)
-      count += self.strategy.reduce(_SUM, n, axis=None)
+      correct += self.strategy.reduce(_SUM, step_correct, axis=None)
+      count += self.strategy.reduce(_SUM, step_count, axis=None)
       if self._loss_scaling:
         # Overflowing float16 gradients are routine: the LossScaleOptimizer
         # skips them and lowers its scale. A non-finite loss is counted.
@@ -282,9 +291,11 @@ class StepRunner:
     num_classes = self.num_classes
     confusion = tf.zeros([num_classes, num_classes], tf.int64)
     for _ in tf.range(num_steps):
-      l, m = self.strategy.run(self._replica_eval, args=next(iterator))
-      loss_sum += tf.cast(self.strategy.reduce(_SUM, l, axis=None), tf.float64)
-      confusion += self.strategy.reduce(_SUM, m, axis=None)
+      step_loss_sum, step_confusion = self.strategy.run(
+          self._replica_eval, args=next(iterator))
+      loss_sum += tf.cast(self.strategy.reduce(_SUM, step_loss_sum, axis=None),
+                          tf.float64)
+      confusion += self.strategy.reduce(_SUM, step_confusion, axis=None)
     return {"loss_sum": loss_sum, "confusion": confusion}
 
   def evaluate(self, dist_dataset, num_steps: int, steps_per_call: int = 100
@@ -308,12 +319,13 @@ class StepRunner:
     loss_sum, confusion = 0.0, None
     done = 0
     while done < num_steps:
-      n = min(steps_per_call, num_steps - done)
-      out = self.eval_steps(iterator, tf.constant(n))
+      call_steps = min(steps_per_call, num_steps - done)
+      out = self.eval_steps(iterator, tf.constant(call_steps))
       loss_sum += float(out["loss_sum"])
-      m = out["confusion"].numpy()
-      confusion = m if confusion is None else confusion + m
-      done += n
+      call_confusion = out["confusion"].numpy()
+      confusion = (call_confusion if confusion is None
+                   else confusion + call_confusion)
+      done += call_steps
     count = int(confusion.sum())
     correct = int(np.trace(confusion))
     per_class = confusion.sum(axis=1)

@@ -63,15 +63,14 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)
   import tensorflow as tf
   from research import benchmarking
+  from research import config as config_lib
   from research import data as data_lib
   from research import model as model_lib
   try:
     settings = ([(int(b), False) for b in FLAGS.batch_sizes] +
                 [(int(b), True) for b in FLAGS.xla_batch_sizes])
-    data = data_lib.load_data(
-        FLAGS.dataset, data_dir=FLAGS.data_dir, seed=0,
-        synthetic_train_size=FLAGS.synthetic_train_size,
-        synthetic_test_size=FLAGS.synthetic_test_size)
+    data = data_lib.load(
+        config_lib.part_from_flat("data", FLAGS.flag_values_dict()), seed=0)
   except (UserError, ValueError) as e:
     cli.exit_with_error(str(e))
   flops = benchmarking.training_flops_per_example(

@@ -14,7 +14,6 @@ import tempfile
 
 from absl import flags
 
-from research import options
 from research.errors import UserError
 
 # Room for a few checkpoints (1.5 MB each) and event files.
@@ -29,10 +28,19 @@ def exit_with_error(message: str, status: int = 2) -> None:
   sys.exit(status)
 
 
-def parse_flags_or_exit(argv: list[str]) -> list[str]:
-  """``app.run``'s flags parser: one error line instead of absl's two."""
+def parse_flags_or_exit(argv: list[str],
+                        fv: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """``app.run``'s flags parser: one error line instead of absl's two.
+
+  Args:
+    argv: The command line, program name first.
+    fv: The flags to parse into (absl's global ones by default).
+
+  Returns:
+    The arguments that are not flags, program name first.
+  """
   try:
-    return flags.FLAGS(argv)
+    return fv(argv)
   except flags.Error as e:
     exit_with_error(f"{e} (see --helpfull)")
 
@@ -41,8 +49,11 @@ def define_data_flags(fv: flags.FlagValues, *, default_dataset: str,
                       synthetic_train_size: int,
                       synthetic_test_size: int) -> None:
   """Defines --dataset, --data_dir and the synthetic sizes on ``fv``."""
-  flags.DEFINE_enum("dataset", default_dataset, options.DATASETS,
-                    "Data source.", flag_values=fv)
+  # Registry names are checked when the registry is read (research.data
+  # needs TensorFlow, which loads only after the flags are valid).
+  flags.DEFINE_string("dataset", default_dataset,
+                      "A registered data source (built in: cifar10, folder, "
+                      "synthetic).", flag_values=fv)
   flags.DEFINE_string("data_dir", None,
                       "cifar10: cifar-10-batches-py/ or its parent (default: "
                       "Keras' download cache); folder: the folder holding "
@@ -91,19 +102,14 @@ def register_validators(fv: flags.FlagValues) -> None:
       "lr_decay_rate", lambda v: v is not None and 0 < v <= 1,
       message="--lr_decay_rate must be in (0, 1]", flag_values=fv)
 
-  def data_dir_ok(values):
-    dataset, data_dir = values["dataset"], values["data_dir"]
-    if dataset == "folder" and not data_dir:
-      raise flags.ValidationError(
-          "--dataset=folder needs --data_dir=<folder with train/ and test/>")
-    if data_dir and dataset != "synthetic" and not os.path.exists(data_dir):
+  def data_dir_ok(data_dir):
+    if data_dir and not os.path.exists(data_dir):
       raise flags.ValidationError(
           f"--data_dir={data_dir} does not exist; pass the folder that holds "
           f"the data")
     return True
 
-  flags.register_multi_flags_validator(["dataset", "data_dir"], data_dir_ok,
-                                      flag_values=fv)
+  flags.register_validator("data_dir", data_dir_ok, flag_values=fv)
 
   def model_dir_ok(value):
     if value and not check_writable_dir(value):
@@ -167,12 +173,16 @@ def global_batch_size_from_flags(fv: flags.FlagValues, replicas: int) -> int:
 
 
 def train_config_from_flags(fv: flags.FlagValues, *, model_dir: str, strategy):
-  """Turns the training flags into a ``TrainConfig``.
+  """Turns the training flags into a ``TrainConfig``, field by flag name.
+
+  The flags that are not fields as they stand are resolved first: the global
+  batch size, XLA, the profile steps and the image size.
 
   Raises:
-    UserError: if the global batch does not divide over the replicas.
+    UserError: if the global batch does not divide over the replicas, or
+      the flags make an impossible configuration.
   """
-  from research.loop import TrainConfig
+  from research import config as config_lib
   replicas = strategy.num_replicas_in_sync
   global_batch_size = global_batch_size_from_flags(fv, replicas)
   jit_compile = resolve_jit_compile(fv.jit_compile, strategy)
@@ -184,24 +194,16 @@ def train_config_from_flags(fv: flags.FlagValues, *, model_dir: str, strategy):
     raise UserError("--deterministic cannot be combined with XLA "
                     "(--jit_compile): TensorFlow has no deterministic XLA "
                     "MaxPool gradient; pass --jit_compile=false")
-  return TrainConfig(
-      model_dir=model_dir, epochs=fv.epochs,
-      global_batch_size=global_batch_size,
-      learning_rate=fv.learning_rate, seed=fv.seed,
-      steps_per_loop=fv.steps_per_loop, eval_every_steps=fv.eval_every_steps,
-      checkpoint_every_steps=fv.checkpoint_every_steps,
-      keep_checkpoints=fv.keep_checkpoints, augment=fv.augment,
-      keep_short_batch=fv.keep_short_batch,
-      jit_compile=jit_compile, l2=fv.l2, deterministic=fv.deterministic,
-      nan_policy=fv.nan_policy, mixed_precision=fv.mixed_precision,
-      optimizer=fv.optimizer, weight_decay=fv.weight_decay,
-      momentum=fv.momentum, nesterov=fv.nesterov,
-      lr_schedule=fv.lr_schedule, warmup_steps=fv.warmup_steps,
-      lr_decay_rate=fv.lr_decay_rate, lr_decay_steps=fv.lr_decay_steps,
-      label_smoothing=fv.label_smoothing, clip_grad_norm=fv.clip_grad_norm,
-      histogram_every_steps=fv.histogram_every_steps,
-      eval_images=fv.eval_images,
-      profile_steps=parse_profile_steps(fv.profile_steps), export=fv.export)
+  resolved = {
+      "model_dir": model_dir, "global_batch_size": global_batch_size,
+      "jit_compile": jit_compile,
+      "profile_steps": parse_profile_steps(fv.profile_steps),
+      "resize_images": parse_image_size(fv.resize_images)}
+  try:
+    return config_lib.from_flat({**fv.flag_values_dict(), **resolved},
+                                strict=False)
+  except ValueError as e:
+    raise UserError(f"{e}; check the flags") from None
 
 
 def parse_profile_steps(value: str | None) -> tuple[int, int] | None:

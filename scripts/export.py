@@ -5,7 +5,9 @@
       [--export_dir=...]
 
 The SavedModel takes uint8 images [N, H, W, C] and returns class
-probabilities and the top class; see research/export.py.
+probabilities and the top class; it loads with tf.saved_model.load, TensorFlow
+Serving, keras.layers.TFSMLayer and the TFLite converter. See
+research/export.py and BUILD.md ("Serving the export").
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def main(argv):
     export_dir = export_lib.export_saved_model(
         model, FLAGS.export_dir or os.path.join(FLAGS.model_dir,
                                                 export_lib.EXPORT_SUBDIR),
-        class_names=spec["class_names"], image_shape=spec["image_shape"])
+        class_names=spec["class_names"], image_shape=spec["image_shape"],
+        model_config=export_lib.model_config_of(spec))
   except UserError as e:
     cli.exit_with_error(str(e), status=e.exit_status)
   print(f"exported {path} to {export_dir}")

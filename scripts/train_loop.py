@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Trains the CIFAR-10 ConvNet with the custom tf.distribute loop.
+"""Trains a registered model (default: the CIFAR-10 ConvNet) with the custom
+tf.distribute loop.
 
   python scripts/train_loop.py --flagfile=configs/cifar10.flags [--flag=value ...]
 
@@ -38,6 +39,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_string("run_name", None,
                       "Run name for the default model_dir (default: "
                       "<dataset>-<date>-<time>).", flag_values=fv)
+  flags.DEFINE_string("model", "convnet",
+                      "A registered model (built in: convnet).",
+                      flag_values=fv)
   flags.DEFINE_integer("epochs", 10, "Training epochs.", flag_values=fv)
   flags.DEFINE_integer("batch_size", 32,
                        "Global batch size (over all replicas).",
@@ -124,7 +128,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                     "Seed everything and enable op determinism: two runs of "
                     "the same command give bitwise-identical weights.",
                     flag_values=fv)
-  flags.DEFINE_enum("nan_policy", "stop", ["stop", "skip"],
+  flags.DEFINE_enum("nan_policy", "stop", options.NAN_POLICIES,
                     "A step with a non-finite loss or gradient: stop (exit 3, "
                     "save nothing) or skip its update and count it.",
                     flag_values=fv)
@@ -132,7 +136,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                     "Keras dtype policy; mixed_float16 adds a "
                     "LossScaleOptimizer. Logits and loss stay float32.",
                     flag_values=fv)
-  flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
+  flags.DEFINE_enum("jit_compile", "auto", options.JIT_COMPILE,
                     "XLA for the steps; auto: on for a single GPU, off "
                     "otherwise (as Keras does).", flag_values=fv)
   flags.DEFINE_enum("strategy", "auto", options.STRATEGIES,
@@ -148,36 +152,36 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   cli.register_validators(fv)
 
 
-def main(argv):
-  del argv
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # absl's INFO is TF's noise.
+def run(fv: flags.FlagValues, argv: list[str]) -> None:
+  """Trains as the parsed flags ``fv`` say; exits with a status on errors.
+
+  Args:
+    fv: This script's parsed flags.
+    argv: The command line, for the run record.
+  """
   # TensorFlow loads only now, after the flags were validated, so a bad flag
   # is reported without its start-up chatter.
   from research import data as data_lib
   from research import distribute
   from research import preemption
   try:
-    model_dir = cli.resolve_model_dir(FLAGS)
-    distribute.configure_devices(cpu_replicas=FLAGS.cpu_replicas)
+    model_dir = cli.resolve_model_dir(fv)
+    distribute.configure_devices(cpu_replicas=fv.cpu_replicas)
     strategy = distribute.create_strategy(
-        FLAGS.strategy, num_gpus=FLAGS.num_gpus,
-        cpu_replicas=FLAGS.cpu_replicas, tpu=FLAGS.tpu)
-    config = cli.train_config_from_flags(FLAGS, model_dir=model_dir,
+        fv.strategy, num_gpus=fv.num_gpus, cpu_replicas=fv.cpu_replicas,
+        tpu=fv.tpu)
+    config = cli.train_config_from_flags(fv, model_dir=model_dir,
                                          strategy=strategy)
     print(f"strategy: {distribute.describe(strategy)}", flush=True)
     print(f"model_dir: {model_dir}", flush=True)
-    data = data_lib.load_data(
-        FLAGS.dataset, data_dir=FLAGS.data_dir, seed=FLAGS.seed,
-        synthetic_train_size=FLAGS.synthetic_train_size,
-        synthetic_test_size=FLAGS.synthetic_test_size,
-        resize_to=cli.parse_image_size(FLAGS.resize_images))
-    from research import loop  # Imported late: it pulls in Keras.
+    data = data_lib.load(config.data, seed=config.seed)
     from research import run_record
-    metrics = loop.train(config, strategy=strategy, data=data,
-                         log=lambda line: print(line, flush=True),
-                         run_files={"flags.json": FLAGS.flag_values_dict()},
-                         run_record=run_record.collect(sys.argv))
+    from research import train as train_lib
+    metrics = train_lib.train(
+        config, strategy=strategy, data=data,
+        log=lambda line: print(line, flush=True),
+        run_files={"flags.json": fv.flag_values_dict()},
+        run_record=run_record.collect(argv))
   except UserError as e:
     cli.exit_with_error(str(e), status=e.exit_status)
   except preemption.Preempted as e:
@@ -186,6 +190,13 @@ def main(argv):
   print(f"done: eval accuracy {metrics['eval_accuracy']:.4f} "
         f"loss {metrics['eval_loss']:.4f} at step {metrics['global_step']} "
         f"in {metrics['wall_seconds']:.0f}s", flush=True)
+
+
+def main(argv):
+  del argv  # The flags hold everything; the record takes the raw command.
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # absl's INFO is TF's noise.
+  run(FLAGS, sys.argv)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,10 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                        "the loop then uses the same strategy unless "
                        "--replicas says otherwise.", lower_bound=1,
                        flag_values=fv)
+  flags.DEFINE_string("model", "convnet",
+                      "A registered model; fit trains its Sequential twin "
+                      "(or a second instance) from the same weights.",
+                      flag_values=fv)
   flags.DEFINE_float("l2", 0.0, "Kernel L2 regularization on both models.",
                      lower_bound=0.0, flag_values=fv)
   flags.DEFINE_bool("keep_short_batch", False,
@@ -104,6 +108,7 @@ def main(argv):
   # Must be decided before TensorFlow loads.
   os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1" if FLAGS.onednn else "0"
   import tensorflow as tf
+  from research import config as config_lib
   from research import data as data_lib
   from research import distribute
   from research import equivalence
@@ -126,21 +131,21 @@ def main(argv):
       if FLAGS.batch_size % r:
         raise UserError(f"--batch_size={FLAGS.batch_size} does not divide "
                         f"over {r} replicas")
-    data = data_lib.load_data(
-        FLAGS.dataset, data_dir=FLAGS.data_dir, seed=FLAGS.seed,
-        synthetic_train_size=FLAGS.synthetic_train_size,
-        synthetic_test_size=FLAGS.synthetic_test_size)
+    flat = FLAGS.flag_values_dict()
+    data = data_lib.load(config_lib.part_from_flat("data", flat),
+                         seed=FLAGS.seed)
     config = equivalence.EquivalenceConfig(
         global_batch_size=FLAGS.batch_size, steps=FLAGS.steps,
-        replicas=replicas, fit_replicas=FLAGS.fit_replicas, l2=FLAGS.l2,
+        replicas=replicas, fit_replicas=FLAGS.fit_replicas,
+        model=config_lib.part_from_flat("model", flat),
+        optimizer=config_lib.part_from_flat("optimizer", flat),
         keep_short_batch=FLAGS.keep_short_batch,
         steps_per_loop=FLAGS.steps_per_loop, jit_compile=FLAGS.jit_compile,
-        learning_rate=FLAGS.learning_rate, optimizer=FLAGS.optimizer,
-        lr_schedule=FLAGS.lr_schedule, warmup_steps=FLAGS.warmup_steps,
-        weight_decay=FLAGS.weight_decay, seed=FLAGS.seed,
+        seed=FLAGS.seed,
         dtype=(equivalence.default_dtype(replicas, FLAGS.fit_replicas)
                if FLAGS.dtype == "auto" else FLAGS.dtype),
-        noise_floor=FLAGS.noise_floor, fault=FLAGS.inject_fault, fault_step=FLAGS.fault_step)
+        noise_floor=FLAGS.noise_floor, fault=FLAGS.inject_fault,
+        fault_step=FLAGS.fault_step)
     print(f"loop: {replicas} replica(s), fit: {FLAGS.fit_replicas} "
           f"replica(s) on {kind}; dataset {FLAGS.dataset}, batch "
           f"{FLAGS.batch_size}, {config.dtype}, oneDNN "
@@ -148,6 +153,8 @@ def main(argv):
     report = equivalence.run(config, data, devices)
   except UserError as e:
     cli.exit_with_error(str(e))
+  except ValueError as e:  # An impossible configuration.
+    cli.exit_with_error(f"{e}; check the flags")
   print(equivalence.format_report(report), flush=True)
   if FLAGS.json_out:
     payload = report.to_json()

@@ -1,7 +1,17 @@
-"""Shared test helpers: running the real scripts, writing tiny datasets."""
+"""Shared test helpers: running the real scripts (in a fresh process, or
+in this one), writing tiny datasets.
+
+The test process splits its CPU into two logical devices before TensorFlow
+initializes, so in-process runs can mirror over two replicas
+(``--cpu_replicas=2``) as a separate process would.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
+import logging
 import os
 import pickle
 import subprocess
@@ -10,9 +20,76 @@ import sys
 import numpy as np
 import pytest
 
+# One thread per op, here and in every process the tests start (they
+# inherit the environment): the suite runs two test processes and their
+# children on two cores, and tiny test models gain nothing from splitting an
+# op, while oversubscribed cores lose time to switching. Set before
+# TensorFlow loads; equal in every process, so bitwise comparisons between
+# processes compare like with like.
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+import tensorflow as tf  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "scripts")
 sys.path.insert(0, REPO)
+sys.path.insert(0, SCRIPTS)
+IN_PROCESS_CPU_REPLICAS = 2
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration()] * IN_PROCESS_CPU_REPLICAS)
+
+
+@pytest.fixture(autouse=True)
+def _op_determinism_off_after_each_test():
+  """A deterministic run turns op determinism on for the whole process;
+  later tests (XLA ones) must not inherit it."""
+  yield
+  # Only the enabling half is public API.
+  from tensorflow.python.framework import config as tf_config
+  tf_config.disable_op_determinism()
+
+
+@contextlib.contextmanager
+def _working_directory(path):
+  # contextlib.chdir is Python >= 3.11; the project supports 3.10.
+  previous = os.getcwd()
+  os.chdir(path)
+  try:
+    yield
+  finally:
+    os.chdir(previous)
+
+
+def run_in_process(name: str, *args: str) -> subprocess.CompletedProcess:
+  """Runs ``scripts/<name>``'s ``run`` in this process, as its command line.
+
+  Parses ``args`` into fresh flags (flagfiles relative to the repository),
+  and returns what a process would: the exit status (from ``SystemExit``,
+  0 without one) and what it wrote to stdout and stderr (log records
+  included). An exception other than ``SystemExit`` propagates: in a real
+  process it would have been a traceback.
+  """
+  from absl import flags
+  import cli_common
+  module = importlib.import_module(name.removesuffix(".py"))
+  fv = flags.FlagValues()
+  module.define_flags(fv)
+  argv = [os.path.join("scripts", name), *args]
+  stdout, stderr = io.StringIO(), io.StringIO()
+  handler = logging.StreamHandler(stderr)
+  logging.getLogger().addHandler(handler)
+  status = 0
+  try:
+    with _working_directory(REPO), contextlib.redirect_stdout(stdout), \
+        contextlib.redirect_stderr(stderr):
+      cli_common.parse_flags_or_exit(argv, fv)
+      module.run(fv, argv)
+  except SystemExit as e:
+    status = e.code if isinstance(e.code, int) else 1
+  finally:
+    logging.getLogger().removeHandler(handler)
+  return subprocess.CompletedProcess(argv, status, stdout.getvalue(),
+                                     stderr.getvalue())
 
 
 def run_script(name: str, *args: str, timeout: float = 240,
@@ -30,6 +107,46 @@ def run_script(name: str, *args: str, timeout: float = 240,
         f"{name} {' '.join(args)} exited {proc.returncode}\n"
         f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
   return proc
+
+
+def run_equivalence_batch(folder, cases: dict) -> dict:
+  """Runs equivalence comparisons in one fresh process
+  (tests/equivalence_batch.py); returns each case's report by name.
+
+  Args:
+    folder: A scratch folder for the process's input and output.
+    cases: Case name -> ``(data sizes, EquivalenceConfig fields)``.
+  """
+  import json
+  with open(os.path.join(folder, "cases.json"), "w") as f:
+    json.dump({name: {"data": data, "config": config}
+               for name, (data, config) in cases.items()}, f)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "tests", "equivalence_batch.py"),
+       os.path.join(folder, "cases.json"),
+       os.path.join(folder, "reports.json")],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  with open(os.path.join(folder, "reports.json")) as f:
+    return json.load(f)
+
+
+def assert_equivalent(report: dict) -> None:
+  """An equivalence report passed, within its mode's tolerances, with the
+  same evaluation on both sides."""
+  assert report["passed"], report["text"]
+  tolerance = report["tolerance"]
+  assert report["max_loss_diff"] <= tolerance["loss"]
+  assert report["max_weight_diff"] <= tolerance["weight"]
+  assert report["loop_eval"]["correct"] == report["fit_eval"]["correct"]
+
+
+def assert_bitwise_equal_to_fit(report: dict) -> None:
+  """Every step's loss and every weight exactly as ``fit``'s."""
+  assert report["max_loss_diff"] == 0.0
+  assert report["max_weight_diff"] == 0.0
+  assert_equivalent(report)
 
 
 def write_cifar_batches(root: str, *, per_batch: int = 6, num_test: int = 8,
@@ -72,7 +189,6 @@ def write_image_folder(root: str, *, classes=("cat", "dog", "frog"),
                        per_class: int = 4, size: int = 32, seed: int = 0
                        ) -> str:
   """Writes ``train/<class>/`` and ``test/<class>/`` PNG and JPEG images."""
-  import tensorflow as tf
   rng = np.random.default_rng(seed)
   for split in ("train", "test"):
     for c in classes:
@@ -94,6 +210,17 @@ def repo_root():
   return REPO
 
 
+def train_in_process(model_dir, data, *, strategy=None, log=None, **flat):
+  """``research.train.train`` with a config built from flat names (the flags'
+  names, ``global_batch_size`` for the batch), on the default strategy."""
+  from research import config as config_lib
+  from research import train as train_lib
+  config = config_lib.from_flat({"model_dir": str(model_dir), **flat})
+  return train_lib.train(
+      config, strategy=strategy or tf.distribute.get_strategy(), data=data,
+      log=log or (lambda line: None))
+
+
 def read_scalars(event_dir: str) -> dict[str, list[tuple[int, float]]]:
   """Reads every scalar in ``event_dir`` with TensorBoard's own reader.
 
@@ -104,7 +231,6 @@ def read_scalars(event_dir: str) -> dict[str, list[tuple[int, float]]]:
       event_dir, size_guidance={event_accumulator.TENSORS: 0,
                                 event_accumulator.SCALARS: 0})
   acc.Reload()
-  import tensorflow as tf
   out = {}
   for tag in acc.Tags()["tensors"]:
     if acc.SummaryMetadata(tag).plugin_data.plugin_name != "scalars":

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import run_script
 from research import benchmarking
 from research import model as model_lib
@@ -22,6 +24,7 @@ def test_flop_count_of_the_convnet():
   assert expected == 25_736_448
 
 
+@pytest.mark.slow
 def test_benchmark_script_reports_every_contender(tmp_path):
   out = tmp_path / "bench.json"
   proc = run_script("benchmark.py", "--batch_sizes=16", "--xla_batch_sizes=",

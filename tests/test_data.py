@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from conftest import write_cifar_batches, write_image_folder
 from research import data as data_lib
+from research.config import DataConfig
 from research.errors import UserError
 
 
@@ -18,7 +19,7 @@ def test_cifar10_official_layout(tmp_path, point_at):
   written = write_cifar_batches(str(tmp_path))
   root = str(tmp_path) if point_at == "parent" else str(
       tmp_path / "cifar-10-batches-py")
-  data = data_lib.load_data("cifar10", data_dir=root)
+  data = data_lib.load(DataConfig(dataset="cifar10", data_dir=root))
   np.testing.assert_array_equal(data.train_images, written["train"][0])
   np.testing.assert_array_equal(data.train_labels, written["train"][1])
   np.testing.assert_array_equal(data.test_images, written["test"][0])
@@ -51,7 +52,7 @@ def test_malicious_batch_file_is_refused_and_never_runs(tmp_path):
 
   with pytest.raises(UserError, match=r"data_batch_3.*refusing to load posix.system"
                      r"|data_batch_3.*refusing to load os.system"):
-    data_lib.load_data("cifar10", data_dir=str(tmp_path))
+    data_lib.load(DataConfig(dataset="cifar10", data_dir=str(tmp_path)))
   assert not marker.exists()
 
 
@@ -62,9 +63,10 @@ def test_cifar10_label_out_of_range_and_missing_dir(tmp_path):
     pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 10]},
                 f)
   with pytest.raises(UserError, match="label 10 of example 1"):
-    data_lib.load_data("cifar10", data_dir=str(tmp_path))
+    data_lib.load(DataConfig(dataset="cifar10", data_dir=str(tmp_path)))
   with pytest.raises(UserError, match="no CIFAR-10 python batches"):
-    data_lib.load_data("cifar10", data_dir=str(tmp_path / "nowhere"))
+    data_lib.load(DataConfig(dataset="cifar10",
+                               data_dir=str(tmp_path / "nowhere")))
 
 
 def test_cifar10_without_data_dir_or_network_says_where_it_looked(
@@ -73,12 +75,12 @@ def test_cifar10_without_data_dir_or_network_says_where_it_looked(
     raise Exception("URL fetch failure: no network")
   monkeypatch.setattr(tf.keras.datasets.cifar10, "load_data", offline)
   with pytest.raises(UserError, match=r"cifar-10-batches-py.*--data_dir"):
-    data_lib.load_data("cifar10")
+    data_lib.load(DataConfig(dataset="cifar10"))
 
 
 def test_image_folder(tmp_path):
   write_image_folder(str(tmp_path), classes=("dog", "cat", "frog"))
-  data = data_lib.load_data("folder", data_dir=str(tmp_path))
+  data = data_lib.load(DataConfig(dataset="folder", data_dir=str(tmp_path)))
   assert data.class_names == ("cat", "dog", "frog")  # sorted
   assert data.train_images.shape == (12, 32, 32, 3)
   assert data.train_images.dtype == np.uint8
@@ -93,12 +95,12 @@ def test_image_folder_refuses_bad_images(tmp_path):
   bad = tmp_path / "train" / "dog" / "broken.jpg"
   bad.write_bytes(b"this is not a jpeg")
   with pytest.raises(UserError, match="broken.jpg"):
-    data_lib.load_data("folder", data_dir=str(tmp_path))
+    data_lib.load(DataConfig(dataset="folder", data_dir=str(tmp_path)))
   bad.unlink()
   odd = tmp_path / "test" / "cat" / "big.png"
   tf.io.write_file(str(odd), tf.io.encode_png(tf.zeros((40, 36, 3), tf.uint8)))
   with pytest.raises(UserError, match=r"big.png is 40x36"):
-    data_lib.load_data("folder", data_dir=str(tmp_path))
+    data_lib.load(DataConfig(dataset="folder", data_dir=str(tmp_path)))
   resized = data_lib.load_image_folder(str(tmp_path), resize_to=(32, 32))
   assert resized.test_images.shape == (13, 32, 32, 3)
 

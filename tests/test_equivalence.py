@@ -1,14 +1,44 @@
-"""scripts/verify_equivalence.py: the loop equals model.fit, and the check
-can fail."""
+"""The loop equals model.fit on one device, and the check can fail.
+
+scripts/verify_equivalence.py itself runs twice (a PASS and a FAIL: exit
+statuses and output); the other one-device comparisons run through the same
+``research.equivalence.run`` in one fresh process
+(tests/equivalence_batch.py), which spares a TensorFlow start per case.
+Several replicas: test_equivalence_replicas.py.
+"""
 
 import json
 
 import pytest
 
-from conftest import run_script
+from conftest import (assert_bitwise_equal_to_fit, assert_equivalent,
+                      run_equivalence_batch, run_script)
+
+# Fresh processes: the verifier and a batch of cases.
+pytestmark = pytest.mark.slow
 
 # 1600 examples / batch 32 = 50 steps (one epoch, the default length).
 SMALL = ["--synthetic_train_size=1600", "--synthetic_test_size=256"]
+DATA = {"num_train": 1600, "num_test": 256}
+# 1608 examples: 50 full batches and a short one of 8.
+DATA_SHORT = {"num_train": 1608, "num_test": 256}
+
+CASES = {
+    "l2": (DATA, {"model": {"l2": 0.001}}),
+    "short_batch": (DATA_SHORT, {"keep_short_batch": True}),
+    "xla": (DATA, {"jit_compile": True}),
+    "mixed_bfloat16": (DATA, {"dtype": "mixed_bfloat16"}),
+    "mixed_float16": (DATA, {"dtype": "mixed_float16"}),
+    "sgd_cosine": (DATA, {"optimizer": {
+        "name": "sgd", "learning_rate": 0.05, "lr_schedule": "cosine",
+        "warmup_steps": 5}}),
+    "tiny_mlp": (DATA, {"model": {"name": "tiny_mlp"}}),
+}
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+  return run_equivalence_batch(tmp_path_factory.mktemp("one_device"), CASES)
 
 
 def _verify(tmp_path, *args):
@@ -36,87 +66,42 @@ def test_one_device_is_bitwise_identical_to_fit(tmp_path):
   assert report["loop_losses"][-1] < report["loop_losses"][0] - 0.5
 
 
-def test_two_replicas_match_one_device_fit(tmp_path):
-  proc, report = _verify(tmp_path, "--replicas=2")
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert report["mode"] == "loop_replicas_vs_fit_one_device"
-  assert report["dtype"] == "float64"
-  assert report["max_loss_diff"] <= 1e-5
-  assert report["max_weight_diff"] <= 1e-4
-  assert report["loop_eval"]["correct"] == report["fit_eval"]["correct"]
-
-
-def test_loop_and_fit_under_the_same_two_replica_strategy(tmp_path):
-  proc, report = _verify(tmp_path, "--fit_replicas=2", "--steps_per_loop=7")
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert report["mode"] == "same_strategy" and report["dtype"] == "float32"
-  assert report["config"]["replicas"] == 2
-  assert report["max_loss_diff"] <= 1e-6
-  assert report["max_weight_diff"] <= 1e-6
-
-
-@pytest.mark.parametrize("args", [
-    ["--replicas=1", "--l2=0.001"],
-    ["--replicas=2", "--l2=0.001"],
-    # 1608 examples: 50 full batches and a short one of 8.
-    ["--replicas=1", "--keep_short_batch", "--synthetic_train_size=1608"],
-    ["--replicas=2", "--keep_short_batch", "--synthetic_train_size=1608"],
-], ids=["l2_one_device", "l2_two_replicas", "short_batch_one_device",
-        "short_batch_two_replicas"])
-def test_regularization_and_short_batch_match_fit(tmp_path, args):
-  proc, report = _verify(tmp_path, *args)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  tolerance = report["tolerance"]
-  assert report["max_loss_diff"] <= tolerance["loss"]
-  assert report["max_weight_diff"] <= tolerance["weight"]
-  if "--keep_short_batch" in args:
-    assert report["steps"] == 51
-
-
-@pytest.mark.parametrize("fault,extra,step", [
-    ("unscaled_loss", [], 0),
-    ("unscaled_regularization", ["--l2=0.001"], 12),
-])
-def test_a_wrong_loop_is_caught_at_the_right_step(tmp_path, fault, extra,
-                                                  step):
-  proc, report = _verify(tmp_path, "--replicas=2", f"--inject_fault={fault}",
-                         f"--fault_step={step}", *extra)
+def test_the_script_fails_a_wrong_loop_at_the_right_step(tmp_path):
+  proc, report = _verify(tmp_path, "--replicas=2",
+                         "--inject_fault=unscaled_loss", "--fault_step=0")
   assert proc.returncode == 1
   assert proc.stdout.strip().endswith("FAIL")
   assert not report["passed"]
-  assert report["first_failing_step"] == step
-  assert f"FAIL: step {step}: |loss difference|" in proc.stdout
-  # Steps before the fault still agree.
-  assert all(abs(a - b) <= 1e-5 for a, b in zip(
-      report["fit_losses"][:step], report["loop_losses"][:step]))
+  assert report["first_failing_step"] == 0
+  assert "FAIL: step 0: |loss difference|" in proc.stdout
 
 
-@pytest.mark.parametrize("args", [
-    ["--replicas=1", "--jit_compile"],
-    ["--replicas=1", "--dtype=mixed_bfloat16"],
-    ["--replicas=1", "--dtype=mixed_float16"],
-], ids=["xla_one_device", "mixed_bfloat16", "mixed_float16"])
-def test_xla_and_mixed_precision_match_fit(tmp_path, args):
-  proc, report = _verify(tmp_path, *args)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
+@pytest.mark.parametrize("case", ["l2", "short_batch"])
+def test_regularization_and_short_batch_match_fit(reports, case):
+  assert_equivalent(reports[case])
+  if case == "short_batch":
+    assert reports[case]["steps"] == 51
+
+
+@pytest.mark.parametrize("case", ["xla", "mixed_bfloat16", "mixed_float16"])
+def test_xla_and_mixed_precision_match_fit(reports, case):
+  report = reports[case]
   assert report["mode"] == "one_device"
   assert report["max_weight_diff"] == 0.0
-  assert report["loop_eval"]["correct"] == report["fit_eval"]["correct"]
+  assert_equivalent(report)
 
 
-@pytest.mark.parametrize("args", [
-    ["--replicas=1", "--optimizer=sgd", "--learning_rate=0.05",
-     "--lr_schedule=cosine", "--warmup_steps=5"],
-    ["--fit_replicas=2", "--optimizer=adamw", "--weight_decay=0.01",
-     "--lr_schedule=step", "--warmup_steps=3"],
-], ids=["sgd_cosine_one_device", "adamw_step_two_replicas"])
-def test_other_optimizers_and_schedules_match_fit_bitwise(tmp_path, args):
+def test_sgd_and_a_cosine_schedule_match_fit_bitwise(reports):
   """The loop applies pre-summed gradients in its own way (explicit
-  all-reduce); Keras' other optimizers and a schedule still give fit's
-  weights to the bit, on one device and under the same 2-replica strategy."""
-  proc, report = _verify(tmp_path, *args)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert report["max_loss_diff"] == 0.0
-  assert report["max_weight_diff"] == 0.0
-  assert report["loop_eval"]["correct"] == report["fit_eval"]["correct"]
+  all-reduce); Keras' SGD and a schedule still give fit's weights to the
+  bit."""
+  report = reports["sgd_cosine"]
+  assert_bitwise_equal_to_fit(report)
   assert report["loop_losses"][-1] < report["loop_losses"][0] - 0.2
+
+
+def test_a_registered_model_without_a_sequential_twin_matches_fit(reports):
+  """fit trains a second instance of the registered model itself."""
+  report = reports["tiny_mlp"]
+  assert_bitwise_equal_to_fit(report)
+  assert report["loop_losses"][-1] < report["loop_losses"][0]

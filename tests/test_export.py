@@ -1,18 +1,24 @@
-"""SavedModel export, loading without this package, and scripts/predict.py."""
+"""SavedModel export of a trained run, scripts/export.py and scripts/predict.py.
+
+Every loader a deployment uses is checked on one export in
+test_serving_loaders.py; here the exports come from training and from
+scripts/export.py.
+"""
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_script
+from conftest import run_script, train_in_process
+from test_serving_loaders import load_elsewhere
+from test_serving_loaders import saved_model_cli_run
 from research import data as data_lib
 from research import export as export_lib
-from research import loop
+
+# The export and predict scripts, fresh interpreters.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +26,8 @@ def trained_run(tmp_path_factory):
   """A short run that exports at its end, and the test images."""
   model_dir = str(tmp_path_factory.mktemp("run"))
   data = data_lib.make_synthetic(num_train=256, num_test=64, seed=3)
-  loop.train(loop.TrainConfig(model_dir=model_dir, epochs=2,
-                              global_batch_size=32, steps_per_loop=8,
-                              checkpoint_every_steps=8, seed=3),
-             strategy=tf.distribute.get_strategy(), data=data,
-             log=lambda line: None)
+  train_in_process(model_dir, data, epochs=2, global_batch_size=32,
+                   steps_per_loop=8, checkpoint_every_steps=8, seed=3)
   return model_dir, data
 
 
@@ -33,40 +36,12 @@ def _in_process_probabilities(model_dir, images, checkpoint=None):
   return tf.nn.softmax(model(data_lib.to_float(images))).numpy()
 
 
-_LOAD_WITHOUT_RESEARCH = textwrap.dedent("""
-    import sys
-    import numpy as np
-    import tensorflow as tf
-    loaded = tf.saved_model.load(sys.argv[1])
-    out = loaded.signatures["serving_default"](
-        images=tf.constant(np.load(sys.argv[2])))
-    np.savez(sys.argv[3], probabilities=out["probabilities"].numpy(),
-             top_class=out["top_class"].numpy(),
-             class_names=[n.decode() for n in loaded.class_names.numpy()])
-    assert not any(m == "research" or m.startswith("research.")
-                   for m in sys.modules), "the export needed this package"
-""")
-
-
-def _load_elsewhere(tmp_path, export_dir, images):
-  np.save(tmp_path / "images.npy", images)
-  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-  # A fresh interpreter in an empty folder: `research` is not importable.
-  proc = subprocess.run(
-      [sys.executable, "-c", _LOAD_WITHOUT_RESEARCH, export_dir,
-       str(tmp_path / "images.npy"), str(tmp_path / "out.npz")],
-      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return np.load(tmp_path / "out.npz")
-
-
 def test_training_exports_a_model_that_loads_without_this_package(
     trained_run, tmp_path):
   model_dir, data = trained_run
   export_dir = os.path.join(model_dir, "export")
   images = data.test_images[:20]
-  out = _load_elsewhere(tmp_path, export_dir, images)
+  out = load_elsewhere(tmp_path, export_dir, images)
   expected = _in_process_probabilities(model_dir, images)
   np.testing.assert_allclose(out["probabilities"], expected, rtol=1e-5,
                              atol=1e-6)
@@ -74,6 +49,12 @@ def test_training_exports_a_model_that_loads_without_this_package(
   assert out["probabilities"].shape == (20, 10)
   assert list(out["class_names"]) == list(data.class_names)
   assert not [p for p in os.listdir(model_dir) if p.startswith(".export")]
+  # TensorFlow Serving's graph loader too, on the model trained under a
+  # strategy (the export copies it into a fresh one).
+  served = saved_model_cli_run(tmp_path, export_dir, "serving_default",
+                               images=images)
+  np.testing.assert_allclose(served["probabilities"], expected, rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_export_script_exports_any_checkpoint(trained_run, tmp_path):
@@ -85,7 +66,7 @@ def test_export_script_exports_any_checkpoint(trained_run, tmp_path):
                     f"--export_dir={export_dir}", check=True)
   assert f"exported {checkpoint} to {export_dir}" in proc.stdout
   images = data.test_images[:16]
-  out = _load_elsewhere(tmp_path, export_dir, images)
+  out = load_elsewhere(tmp_path, export_dir, images)
   at_8 = _in_process_probabilities(model_dir, images, checkpoint)
   at_end = _in_process_probabilities(model_dir, images)
   np.testing.assert_allclose(out["probabilities"], at_8, rtol=1e-5,

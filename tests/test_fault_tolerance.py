@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (REPO, SCRIPTS, read_scalars, run_script,
-                      write_cifar_batches, write_image_folder)
+from conftest import (REPO, SCRIPTS, read_scalars, run_in_process,
+                      run_script, write_cifar_batches, write_image_folder)
 
 SMOKE = ["--flagfile=configs/smoke.flags", "--deterministic"]
 TRAIN_STEPS = [8, 16, 24, 32, 40, 48]
@@ -56,13 +56,16 @@ def _assert_each_step_once(model_dir):
 def reference_run(tmp_path_factory):
   """An uninterrupted deterministic smoke run."""
   model_dir = str(tmp_path_factory.mktemp("reference"))
-  run_script("train_loop.py", *SMOKE, "--synthetic_test_size=2048",
-             f"--model_dir={model_dir}", check=True)
+  proc = run_in_process("train_loop.py", *SMOKE, "--synthetic_test_size=2048",
+                        f"--model_dir={model_dir}")
+  assert proc.returncode == 0, proc.stderr
   return model_dir
 
 
+@pytest.mark.slow
 def test_two_deterministic_runs_are_bitwise_identical(tmp_path,
                                                       reference_run):
+  """The second run is a fresh process: determinism holds across them."""
   model_dir = str(tmp_path / "again")
   run_script("train_loop.py", *SMOKE, "--synthetic_test_size=2048",
              f"--model_dir={model_dir}", check=True)
@@ -100,6 +103,7 @@ def _run_and_kill_after(line_prefix, args, timeout=180):
   return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_after", [
     "train step 24/48",  # mid-epoch, between checkpoints
     "train step 32/48",  # the epoch's evaluation is running
@@ -111,36 +115,40 @@ def test_sigkill_then_rerun_is_bitwise_identical(tmp_path, reference_run,
   args = [*SMOKE, "--synthetic_test_size=2048", f"--model_dir={model_dir}"]
   _run_and_kill_after(kill_after, args)
   assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
-  proc = run_script("train_loop.py", *args, check=True)
+  proc = run_in_process("train_loop.py", *args)
+  assert proc.returncode == 0, proc.stderr
   assert "resumed from" in proc.stdout or "train step 8/48" in proc.stdout
   _assert_bitwise_equal(model_dir, reference_run)
   _assert_each_step_once(model_dir)
 
 
+@pytest.mark.slow
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous(
     tmp_path, reference_run):
   model_dir = str(tmp_path / "damaged")
   args = [*SMOKE, "--synthetic_test_size=2048", f"--model_dir={model_dir}"]
-  run_script("train_loop.py", *args, check=True)
+  assert run_in_process("train_loop.py", *args).returncode == 0
   data_file = os.path.join(model_dir, "checkpoints",
                            "ckpt-48.data-00000-of-00001")
   with open(data_file, "r+b") as f:
     f.truncate(os.path.getsize(data_file) // 2)
-  proc = run_script("train_loop.py", *args, check=True)
+  proc = run_in_process("train_loop.py", *args)
+  assert proc.returncode == 0, proc.stderr
   assert "ckpt-48 is unreadable" in proc.stderr
   assert "resumed from" in proc.stdout and "at step 32/48" in proc.stdout
   _assert_bitwise_equal(model_dir, reference_run)
   _assert_each_step_once(model_dir)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   model_dir = str(tmp_path / "nan")
   args = [*SMOKE, f"--model_dir={model_dir}"]
-  run_script("train_loop.py", *args, "--epochs=1", check=True)
+  assert run_in_process("train_loop.py", *args, "--epochs=1").returncode == 0
   ckpt_dir = os.path.join(model_dir, "checkpoints")
   before = {f: _digest(os.path.join(ckpt_dir, f)) for f in os.listdir(ckpt_dir)}
   # The resumed run's first update with this rate overflows the weights, so
-  # the next step's loss is not finite.
+  # the next step's loss is not finite. A real process: exit status 3.
   proc = run_script("train_loop.py", *args, "--learning_rate=1e30")
   assert proc.returncode == 3
   assert "Traceback" not in proc.stderr
@@ -158,8 +166,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_nan_policy_skip_counts_and_goes_on(tmp_path):
   model_dir = str(tmp_path / "skip")
   args = [*SMOKE, f"--model_dir={model_dir}", "--nan_policy=skip"]
-  run_script("train_loop.py", *args, "--epochs=1", check=True)
-  run_script("train_loop.py", *args, "--learning_rate=1e30", check=True)
+  assert run_in_process("train_loop.py", *args, "--epochs=1").returncode == 0
+  assert run_in_process("train_loop.py", *args,
+                        "--learning_rate=1e30").returncode == 0
   with open(os.path.join(model_dir, "metrics.json")) as f:
     metrics = json.load(f)
   # Step 17 applies the exploding update; every later step is skipped.
@@ -210,8 +219,9 @@ def _write_pickle(path, obj):
 
 def _other_model_checkpoint(tmp_path, model_dir):
   # A 3-class model trained into model_dir; the case then trains 10 classes.
-  run_script("train_loop.py", "--epochs=1", "--batch_size=4",
-             *_folder(tmp_path), f"--model_dir={model_dir}", check=True)
+  assert run_in_process("train_loop.py", "--epochs=1", "--batch_size=4",
+                        *_folder(tmp_path),
+                        f"--model_dir={model_dir}").returncode == 0
   return ["--dataset=synthetic", "--synthetic_train_size=64",
           "--synthetic_test_size=16"]
 
@@ -275,16 +285,14 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_gets_one_clear_line_and_changes_nothing(tmp_path, case):
+def _check_bad_input(tmp_path, case, run):
   make_args, message = BAD_INPUTS[case]
   model_dir = tmp_path / "run"
   model_dir.mkdir()
   (model_dir / "notes.txt").write_text("written before")
   args = make_args(tmp_path, str(model_dir))
   before = _snapshot(str(model_dir))
-  proc = run_script("train_loop.py", *args, f"--model_dir={model_dir}",
-                    timeout=120)
+  proc = run("train_loop.py", *args, f"--model_dir={model_dir}")
   assert proc.returncode == 2, proc.stdout + proc.stderr
   assert "Traceback" not in proc.stderr
   lines = proc.stderr.strip().splitlines()
@@ -293,6 +301,17 @@ def test_bad_input_gets_one_clear_line_and_changes_nothing(tmp_path, case):
   assert message in errors[0], errors[0]
   assert _snapshot(str(model_dir)) == before
   assert not os.path.exists("/tmp/should_never_exist")
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gets_one_clear_line_and_changes_nothing(tmp_path, case):
+  _check_bad_input(tmp_path, case, run_in_process)
+
+
+@pytest.mark.slow
+def test_bad_data_in_a_real_process_exits_2_with_one_line(tmp_path):
+  _check_bad_input(tmp_path, "corrupt_image",
+                   lambda *args: run_script(*args, timeout=120))
 
 
 def test_a_failed_save_keeps_earlier_checkpoints(tmp_path):

@@ -14,9 +14,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from conftest import REPO, SCRIPTS, read_scalars, run_script
+
+# Worker processes on loopback.
+pytestmark = pytest.mark.slow
 
 SMOKE = ["--flagfile=configs/smoke.flags", "--deterministic"]
 ENV = {"TF_ENABLE_ONEDNN_OPTS": "0"}

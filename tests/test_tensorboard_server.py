@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import read_scalars
+from conftest import read_scalars, train_in_process
 from research import data as data_lib
-from research import loop
+
+# A real TensorBoard process.
+pytestmark = pytest.mark.slow
 
 STARTUP_SECONDS = 90
 
@@ -42,12 +44,9 @@ def tensorboard(tmp_path):
   logdir = tmp_path / "logs"
   model_dir = str(logdir / "tiny")
   data = data_lib.make_synthetic(num_train=128, num_test=32, seed=0)
-  loop.train(loop.TrainConfig(model_dir=model_dir, epochs=2,
-                              global_batch_size=32, steps_per_loop=2,
-                              checkpoint_every_steps=0, export=False,
-                              eval_images=4),
-             strategy=tf.distribute.get_strategy(), data=data,
-             log=lambda line: None)
+  train_in_process(model_dir, data, epochs=2, global_batch_size=32,
+                   steps_per_loop=2, checkpoint_every_steps=0, export=False,
+                   eval_images=4)
   port = _free_port()
   proc = subprocess.Popen(
       [sys.executable, "-m", "tensorboard.main", f"--logdir={logdir}",

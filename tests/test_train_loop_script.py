@@ -1,4 +1,6 @@
-"""End-to-end tests of scripts/train_loop.py, run as users run it."""
+"""End-to-end tests of scripts/train_loop.py: one real process per kind of
+ending (success, a bad flag, a bad value found after TensorFlow loaded), the
+rest through the same ``run`` in this process (conftest.run_in_process)."""
 
 import json
 import os
@@ -7,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import read_scalars, run_script
+from conftest import read_scalars, run_in_process, run_script
 from research import data as data_lib
 from research import model as model_lib
 
@@ -31,6 +33,7 @@ def smoke_run(tmp_path_factory):
   return model_dir, proc
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_events_checkpoint_and_metrics(smoke_run):
   model_dir, proc = smoke_run
   train = read_scalars(os.path.join(model_dir, "train"))
@@ -69,21 +72,23 @@ def test_smoke_run_writes_events_checkpoint_and_metrics(smoke_run):
 
 def test_flags_after_the_flagfile_override_it(tmp_path):
   model_dir = str(tmp_path / "run")
-  run_script("train_loop.py", SMOKE, "--epochs=1", "--steps_per_loop=16",
-             f"--model_dir={model_dir}", check=True)
+  proc = run_in_process("train_loop.py", SMOKE, "--epochs=1",
+                        "--steps_per_loop=16", f"--model_dir={model_dir}")
+  assert proc.returncode == 0, proc.stderr
   metrics = _metrics(model_dir)
   assert metrics["global_step"] == 16 and metrics["epochs"] == 1
 
 
+@pytest.mark.slow
 def test_resume_trains_only_what_is_left(tmp_path, smoke_run):
   model_dir = str(tmp_path / "resumed")
   # A run that stops after its first epoch (16 steps) ...
-  run_script("train_loop.py", SMOKE, "--epochs=1", f"--model_dir={model_dir}",
-             check=True)
+  run_in_process("train_loop.py", SMOKE, "--epochs=1",
+                 f"--model_dir={model_dir}")
   assert _metrics(model_dir)["global_step"] == 16
   # ... then the same run with its full length resumes and finishes.
-  proc = run_script("train_loop.py", SMOKE, f"--model_dir={model_dir}",
-                    check=True)
+  proc = run_in_process("train_loop.py", SMOKE, f"--model_dir={model_dir}")
+  assert proc.returncode == 0, proc.stderr
   assert "at step 16/48" in proc.stdout
   assert "train step 8/48" not in proc.stdout
   assert _metrics(model_dir)["global_step"] == _metrics(smoke_run[0])[
@@ -91,15 +96,17 @@ def test_resume_trains_only_what_is_left(tmp_path, smoke_run):
   train = read_scalars(os.path.join(model_dir, "train"))
   assert [s for s, _ in train["loss"]] == TRAIN_STEPS  # each step once
   # Running a finished run again changes nothing and records nothing twice.
-  run_script("train_loop.py", SMOKE, f"--model_dir={model_dir}", check=True)
+  assert run_in_process("train_loop.py", SMOKE,
+                        f"--model_dir={model_dir}").returncode == 0
   evals = read_scalars(os.path.join(model_dir, "eval"))
   assert [s for s, _ in evals["accuracy"]] == EVAL_STEPS
 
 
 def test_two_cpu_replicas_report_correct_eval_accuracy(tmp_path):
   model_dir = str(tmp_path / "mirrored")
-  proc = run_script("train_loop.py", SMOKE, "--cpu_replicas=2",
-                    f"--model_dir={model_dir}", check=True)
+  proc = run_in_process("train_loop.py", SMOKE, "--cpu_replicas=2",
+                        f"--model_dir={model_dir}")
+  assert proc.returncode == 0, proc.stderr
   assert "MirroredStrategy x2" in proc.stdout
   metrics = _metrics(model_dir)
   assert metrics["num_replicas"] == 2 and metrics["global_step"] == 48
@@ -145,18 +152,36 @@ BAD_FLAGS = [
 ]
 
 
-@pytest.mark.parametrize("name,args,message", BAD_FLAGS,
-                         ids=[b[0] for b in BAD_FLAGS])
-def test_bad_flags_give_one_clear_line(tmp_path, name, args, message):
-  if args is None:
-    args = [f"--model_dir={_bad_dir_under_a_file(tmp_path)}"]
-  else:
-    args = args + [f"--model_dir={tmp_path / 'run'}"]
-  proc = run_script("train_loop.py", SMOKE, *args, timeout=120)
-  assert proc.returncode != 0
+def _assert_one_error_line(proc, message):
+  assert proc.returncode == 2, proc.stdout + proc.stderr
   assert "Traceback" not in proc.stderr
   lines = proc.stderr.strip().splitlines()
-  errors = [l for l in lines if l.startswith("error: ")]
+  errors = [line for line in lines if line.startswith("error: ")]
   assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
   assert message in errors[0]
   assert "train step" not in proc.stdout
+
+
+def _bad_flag_args(tmp_path, args):
+  if args is None:
+    return [f"--model_dir={_bad_dir_under_a_file(tmp_path)}"]
+  return args + [f"--model_dir={tmp_path / 'run'}"]
+
+
+@pytest.mark.parametrize("name,args,message", BAD_FLAGS,
+                         ids=[b[0] for b in BAD_FLAGS])
+def test_bad_flags_give_one_clear_line(tmp_path, name, args, message):
+  proc = run_in_process("train_loop.py", SMOKE,
+                        *_bad_flag_args(tmp_path, args))
+  _assert_one_error_line(proc, message)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["unknown_flag", "batch_not_divisible"])
+def test_a_real_process_exits_2_with_one_line(tmp_path, name):
+  """Before TensorFlow loads (a flag absl refuses) and after (a value only
+  the strategy can check): exit status 2, one line, no traceback."""
+  _, args, message = next(b for b in BAD_FLAGS if b[0] == name)
+  proc = run_script("train_loop.py", SMOKE, *_bad_flag_args(tmp_path, args),
+                    timeout=120)
+  _assert_one_error_line(proc, message)

@@ -7,17 +7,30 @@ import tensorflow as tf
 from research import data as data_lib
 from research import model as model_lib
 from research import steps as steps_lib
+from research.config import ModelConfig
+from research.config import OptimizerConfig
+from research.config import StepConfig
+from research.training import build_training
 
 
 def _runner(strategy, *, global_batch_size, keep_short_batch=False, lr=1e-3):
-  with strategy.scope():
+  _, runner = build_training(
+      strategy=strategy, model_config=ModelConfig(),
+      optimizer_config=OptimizerConfig(learning_rate=lr),
+      step_config=StepConfig(global_batch_size=global_batch_size,
+                             keep_short_batch=keep_short_batch),
+      num_classes=10, image_shape=(32, 32, 3), total_steps=1)
+  return runner
+
+
+def test_a_runner_refuses_an_optimizer_that_would_sum_twice():
+  with tf.distribute.get_strategy().scope():
     net = model_lib.build(model_lib.ConvNet())
-    optimizer = tf.keras.optimizers.Adam(learning_rate=lr)
+    optimizer = tf.keras.optimizers.Adam()
     optimizer.build(net.trainable_variables)
-    return steps_lib.StepRunner(
-        strategy=strategy, model=net, optimizer=optimizer,
-        global_batch_size=global_batch_size,
-        keep_short_batch=keep_short_batch)
+  with pytest.raises(ValueError, match="expect_presummed_gradients"):
+    steps_lib.StepRunner(strategy=tf.distribute.get_strategy(), model=net,
+                         optimizer=optimizer, global_batch_size=8)
 
 
 def test_a_few_hundred_steps_drive_the_loss_well_down():
@@ -90,23 +103,21 @@ def test_eval_accuracy_is_correct_over_total_not_a_mean_of_batches():
 
 
 def _train_run(tmp_path, name, **overrides):
-  from conftest import read_scalars
-  from research import loop
-  settings = dict(model_dir=str(tmp_path / name), epochs=3,
-                  global_batch_size=32, steps_per_loop=8,
+  from conftest import read_scalars, train_in_process
+  settings = dict(epochs=3, global_batch_size=32, steps_per_loop=8,
                   checkpoint_every_steps=16, seed=1)
   settings.update(overrides)
   data = data_lib.make_synthetic(num_train=512, num_test=128, seed=1)
-  metrics = loop.train(loop.TrainConfig(**settings),
-                       strategy=tf.distribute.get_strategy(), data=data,
-                       log=lambda line: None)
+  metrics = train_in_process(tmp_path / name, data, **settings)
   losses = [v for _, v in read_scalars(str(tmp_path / name / "train"))["loss"]]
   return metrics, losses
 
 
 @pytest.mark.parametrize("precision,jit", [
-    ("float32", False), ("float32", True), ("mixed_float16", False),
-    ("mixed_bfloat16", False), ("mixed_bfloat16", True)])
+    ("float32", False),
+    pytest.param("float32", True, marks=pytest.mark.slow),
+    ("mixed_float16", False), ("mixed_bfloat16", False),
+    pytest.param("mixed_bfloat16", True, marks=pytest.mark.slow)])
 def test_every_precision_and_xla_setting_trains(tmp_path, precision, jit):
   metrics, losses = _train_run(tmp_path, "run", mixed_precision=precision,
                                jit_compile=jit)
@@ -115,6 +126,7 @@ def test_every_precision_and_xla_setting_trains(tmp_path, precision, jit):
   assert metrics["eval_accuracy"] > 0.3  # chance is 0.1
 
 
+@pytest.mark.slow
 def test_steps_per_loop_changes_no_result(tmp_path):
   weights = []
   for steps_per_loop in (8, 5, 16):

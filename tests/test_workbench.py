@@ -12,12 +12,14 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from conftest import REPO, read_scalars, run_script
+from conftest import REPO, read_scalars, run_in_process, train_in_process
 from research import data as data_lib
-from research import loop
 from research import model as model_lib
 from research import optim
-from research import steps as steps_lib
+from research.config import ModelConfig
+from research.config import OptimizerConfig
+from research.config import StepConfig
+from research.training import build_training
 
 
 # The schedules' formulas, written out independently of research/optim.py.
@@ -65,15 +67,12 @@ def test_constant_without_warmup_is_a_plain_rate_and_bad_values_are_named():
 
 
 def _run(tmp_path, name, **overrides):
-  settings = dict(model_dir=str(tmp_path / name), epochs=3,
-                  global_batch_size=32, steps_per_loop=8,
+  settings = dict(epochs=3, global_batch_size=32, steps_per_loop=8,
                   checkpoint_every_steps=0, seed=1, export=False,
                   eval_images=0)
   settings.update(overrides)
   data = data_lib.make_synthetic(num_train=512, num_test=128, seed=1)
-  metrics = loop.train(loop.TrainConfig(**settings),
-                       strategy=tf.distribute.get_strategy(), data=data,
-                       log=lambda line: None)
+  metrics = train_in_process(tmp_path / name, data, **settings)
   return metrics, read_scalars(str(tmp_path / name / "train"))
 
 
@@ -108,14 +107,13 @@ def test_each_optimizer_and_schedule_trains_and_logs_its_rate(
 def test_grad_norm_is_the_norm_of_the_global_gradient():
   strategy = tf.distribute.get_strategy()
   data = data_lib.make_synthetic(num_train=64, num_test=8, seed=0)
-  with strategy.scope():
-    net = model_lib.build(model_lib.ConvNet())
-    optimizer = optim.make_optimizer(1e-3)
-    optimizer.build(net.trainable_variables)
-    runner = steps_lib.StepRunner(strategy=strategy, model=net,
-                                  optimizer=optimizer, global_batch_size=16,
-                                  clip_grad_norm=0.01,
-                                  keep_last_gradients=True)
+  state, runner = build_training(
+      strategy=strategy, model_config=ModelConfig(),
+      optimizer_config=OptimizerConfig(),
+      step_config=StepConfig(global_batch_size=16, clip_grad_norm=0.01),
+      num_classes=10, image_shape=(32, 32, 3), total_steps=1,
+      keep_last_gradients=True)
+  net = state.model
   x, y = next(iter(data_lib.make_train_dataset(data, global_batch_size=16,
                                                seed=0, num_epochs=1)))
   before = [v.numpy() for v in net.trainable_variables]
@@ -210,9 +208,10 @@ def test_global_norm_clipping_is_over_all_replicas(tmp_path):
   runs = {}
   for replicas in (0, 2):
     model_dir = str(tmp_path / f"r{replicas}")
-    run_script("train_loop.py", *common, f"--cpu_replicas={replicas}",
-               f"--model_dir={model_dir}", check=True,
-               env={"TF_ENABLE_ONEDNN_OPTS": "0"})
+    proc = run_in_process("train_loop.py", *common,
+                          f"--cpu_replicas={replicas}",
+                          f"--model_dir={model_dir}")
+    assert proc.returncode == 0, proc.stderr
     path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
     runs[replicas] = (
         {n: tf.train.load_checkpoint(path).get_tensor(n)
@@ -231,8 +230,9 @@ def test_run_record_traces_the_command_code_and_devices(tmp_path):
   model_dir = str(tmp_path / "rec")
   args = ["--flagfile=configs/smoke.flags", "--epochs=1", "--noexport",
           f"--model_dir={model_dir}"]
-  run_script("train_loop.py", *args, check=True)
-  run_script("train_loop.py", *args, "--epochs=2", check=True)  # A resume.
+  assert run_in_process("train_loop.py", *args).returncode == 0
+  # A resume.
+  assert run_in_process("train_loop.py", *args, "--epochs=2").returncode == 0
   with open(os.path.join(model_dir, "run_record.json")) as f:
     records = json.load(f)["invocations"]
   assert len(records) == 2

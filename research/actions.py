@@ -1,0 +1,124 @@
+"""The list of a run's actions: everything the controller does not own.
+
+``run_actions`` says, in one place, what happens around the training calls
+of a run: console lines and scalars, histograms, evaluation images, the
+profiler trace, and the export at the end. A new side concern is one more
+``controller.Action`` in this list; the controller does not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+from research import data as data_lib
+from research import export as export_lib
+from research.config import ModelConfig
+from research.config import TrainConfig
+from research.controller import Action
+from research.controller import Evaluation
+from research.profiling import StepProfiler
+from research.reporting import EvalImageReporter
+from research.reporting import HistogramReporter
+from research.reporting import ProgressReporter
+from research.summaries import SummaryManager
+from research.training import TrainingState
+
+
+class ExportAction(Action):
+  """At the end of training, writes the serving SavedModel.
+
+  ``export_dir`` is where it went (None until then).
+  """
+
+  def __init__(self, *, model, model_config: ModelConfig, export_dir: str,
+               class_names, image_shape, log: Callable[[str], None]):
+    """Args:
+      model: The trained model.
+      model_config: The registered model it is.
+      export_dir: Where the SavedModel goes (replaced atomically).
+      class_names: Name of each label id.
+      image_shape: ``(H, W, C)`` the model takes.
+      log: Receives one line naming the export.
+    """
+    self.model = model
+    self.model_config = model_config
+    self.target = export_dir
+    self.class_names = class_names
+    self.image_shape = image_shape
+    self.log = log
+    self.export_dir = None
+
+  def at_end(self, evaluation: Evaluation) -> None:
+    del evaluation
+    self.export_dir = export_lib.export_saved_model(
+        self.model, self.target, class_names=self.class_names,
+        image_shape=self.image_shape, model_config=self.model_config)
+    self.log(f"exported a SavedModel to {self.export_dir}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunActions:
+  """A run's actions, with handles on the two whose results the run reports.
+
+  Attributes:
+    all: Every action, in the order they run.
+    progress: The console and scalars reporter (its throughput).
+    export: The export at the end (its directory), or None.
+  """
+  all: tuple[Action, ...]
+  progress: ProgressReporter
+  export: ExportAction | None
+
+
+def run_actions(config: TrainConfig, *, state: TrainingState,
+                data: data_lib.ArrayData, summaries: SummaryManager,
+                total_steps: int, steps_per_epoch: int, is_chief: bool,
+                log: Callable[[str], None]) -> RunActions:
+  """The actions of a training run, in the order they run.
+
+  Args:
+    config: The run's settings.
+    state: The trained state.
+    data: The dataset (class names, image shape, sample test images).
+    summaries: Where summaries go (a no-op one on non-chief workers).
+    total_steps: Steps of the whole run.
+    steps_per_epoch: Steps per epoch.
+    is_chief: Whether this process writes the run's outputs.
+    log: The console.
+
+  Returns:
+    The actions.
+  """
+  reporting = config.reporting
+  progress = ProgressReporter(
+      summaries=summaries, log=log, model=state.model,
+      total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+      global_batch_size=config.step.global_batch_size,
+      class_names=data.class_names, skipped_steps=state.skipped_steps,
+      log_skipped_steps=config.step.nan_policy == "skip")
+  actions: list[Action] = [
+      progress,
+      EvalImageReporter(
+          summaries=summaries, model=state.model,
+          class_names=data.class_names,
+          sample_images=(data.test_images[:reporting.eval_images],
+                         data.test_labels[:reporting.eval_images])),
+  ]
+  if reporting.histogram_every_steps:
+    actions.append(HistogramReporter(
+        summaries=summaries, model=state.model,
+        every_steps=reporting.histogram_every_steps))
+  if reporting.profile_steps:
+    actions.append(StepProfiler(logdir=config.model_dir,
+                                steps=reporting.profile_steps,
+                                enabled=is_chief))
+  export = None
+  if reporting.export and is_chief:
+    export = ExportAction(
+        model=state.model, model_config=config.model,
+        export_dir=os.path.join(config.model_dir, export_lib.EXPORT_SUBDIR),
+        class_names=data.class_names, image_shape=data.image_shape, log=log)
+    actions.append(export)
+  return RunActions(tuple(actions), progress, export)

@@ -1,0 +1,289 @@
+"""The configuration of a training run: a small tree of frozen dataclasses.
+
+``TrainConfig`` groups the settings by what they govern: the data, the model,
+the optimizer, the step, the loop's cadence and the reporting. Each part checks
+its own values in ``__post_init__``, so an impossible configuration cannot be
+built. ``from_flat`` builds the tree from flat ``name -> value`` pairs (the
+flags, by field name); ``to_flat`` goes back (the HParams of a run).
+
+Importable without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from research import options
+
+# Fields whose flag has another name: (part, field) -> flag.
+FLAG_NAMES = {("model", "name"): "model", ("optimizer", "name"): "optimizer"}
+
+
+def _at_least(part, minimum: float, *names: str) -> None:
+  for name in names:
+    value = getattr(part, name)
+    if value < minimum:
+      raise ValueError(f"{name} must be >= {minimum:g}, got {value}")
+
+
+def _one_of(part, name: str, choices) -> None:
+  value = getattr(part, name)
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the examples come from.
+
+  Attributes:
+    dataset: A name registered in ``data.DATASETS``.
+    data_dir: Folder to read from (what it holds depends on the dataset).
+    synthetic_train_size: ``synthetic``: training examples.
+    synthetic_test_size: ``synthetic``: test examples.
+    resize_images: ``folder``: ``(height, width)`` to resize every image to.
+    augment: Random crop (4-pixel padding) and horizontal flip in training.
+  """
+  dataset: str = "cifar10"
+  data_dir: str | None = None
+  synthetic_train_size: int = 1024
+  synthetic_test_size: int = 256
+  resize_images: tuple[int, int] | None = None
+  augment: bool = False
+
+  def __post_init__(self):
+    _at_least(self, 1, "synthetic_train_size", "synthetic_test_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Which network, and its hyper-parameters.
+
+  Attributes:
+    name: A name registered in ``model.MODELS``.
+    l2: Kernel L2 regularization factor of every conv and dense layer.
+  """
+  name: str = "convnet"
+  l2: float = 0.0
+
+  def __post_init__(self):
+    _at_least(self, 0, "l2")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """The optimizer and its learning-rate schedule (see ``optim``).
+
+  Attributes:
+    name: ``adam``, ``adamw`` or ``sgd``.
+    learning_rate: Base (peak) rate. With a constant schedule the configured
+      value wins over a restored one.
+    weight_decay: Decoupled weight decay (0: none).
+    momentum: SGD momentum.
+    nesterov: SGD with Nesterov momentum.
+    lr_schedule: ``constant``, ``cosine``, ``step`` or ``exponential``, over
+      the run's total steps.
+    warmup_steps: Linear warmup steps.
+    lr_decay_rate: ``step``/``exponential`` decay factor.
+    lr_decay_steps: Steps per ``lr_decay_rate`` (0: see ``optim``).
+  """
+  name: str = "adam"
+  learning_rate: float = 0.001
+  weight_decay: float = 0.0
+  momentum: float = 0.9
+  nesterov: bool = False
+  lr_schedule: str = "constant"
+  warmup_steps: int = 0
+  lr_decay_rate: float = 0.1
+  lr_decay_steps: int = 0
+
+  def __post_init__(self):
+    _one_of(self, "name", options.OPTIMIZERS)
+    _one_of(self, "lr_schedule", options.LR_SCHEDULES)
+    if not self.learning_rate > 0:
+      raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+    _at_least(self, 0, "weight_decay", "warmup_steps", "lr_decay_steps")
+    if not 0 <= self.momentum < 1:
+      raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+    if not 0 < self.lr_decay_rate <= 1:
+      raise ValueError(f"lr_decay_rate must be in (0, 1], got "
+                       f"{self.lr_decay_rate}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """How one training step is computed (see ``steps.StepRunner``).
+
+  Attributes:
+    global_batch_size: Examples per step over all replicas.
+    keep_short_batch: Keep each epoch's last short batch; its loss is the
+      mean over the examples it has.
+    mixed_precision: Keras dtype policy: ``float32``, ``mixed_float16``
+      (with a ``LossScaleOptimizer``) or ``mixed_bfloat16``.
+    jit_compile: Compile the steps with XLA.
+    nan_policy: ``stop`` or ``skip`` a step whose loss or gradient is not
+      finite.
+    label_smoothing: Smoothing of the training targets.
+    clip_grad_norm: Clip the global gradient to this L2 norm (0: off).
+  """
+  global_batch_size: int = 32
+  keep_short_batch: bool = False
+  mixed_precision: str = "float32"
+  jit_compile: bool = False
+  nan_policy: str = "stop"
+  label_smoothing: float = 0.0
+  clip_grad_norm: float = 0.0
+
+  def __post_init__(self):
+    _at_least(self, 1, "global_batch_size")
+    _at_least(self, 0, "clip_grad_norm")
+    _one_of(self, "mixed_precision", options.PRECISIONS)
+    _one_of(self, "nan_policy", options.NAN_POLICIES)
+    if not 0 <= self.label_smoothing < 1:
+      raise ValueError(f"label_smoothing must be in [0, 1), got "
+                       f"{self.label_smoothing}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """The cadence of the run (see ``controller``).
+
+  Attributes:
+    epochs: Passes over the training set.
+    steps_per_loop: Training steps per ``tf.function`` call.
+    eval_every_steps: Also evaluate every this many steps (0: epochs only).
+    checkpoint_every_steps: Save every this many steps (0: only at the end).
+    keep_checkpoints: Newest checkpoints to keep.
+  """
+  epochs: int = 10
+  steps_per_loop: int = 100
+  eval_every_steps: int = 0
+  checkpoint_every_steps: int = 1000
+  keep_checkpoints: int = 3
+
+  def __post_init__(self):
+    _at_least(self, 1, "epochs", "steps_per_loop", "keep_checkpoints")
+    _at_least(self, 0, "eval_every_steps", "checkpoint_every_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportingConfig:
+  """What the run shows and leaves behind besides checkpoints.
+
+  Attributes:
+    histogram_every_steps: Weight and gradient histograms period (0: off).
+    eval_images: Test images shown with predictions after each evaluation.
+    profile_steps: ``(first, last)`` global steps to trace, or None.
+    export: Write a serving SavedModel to ``<model_dir>/export`` at the end.
+  """
+  histogram_every_steps: int = 0
+  eval_images: int = 24
+  profile_steps: tuple[int, int] | None = None
+  export: bool = True
+
+  def __post_init__(self):
+    _at_least(self, 0, "histogram_every_steps", "eval_images")
+    if self.profile_steps is not None and not (
+        1 <= self.profile_steps[0] <= self.profile_steps[1]):
+      raise ValueError(f"profile_steps must be FIRST,LAST with 1 <= FIRST <= "
+                       f"LAST, got {self.profile_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything that defines a training run.
+
+  Attributes:
+    model_dir: Run directory: event files, checkpoints, metrics.json.
+    seed: Seed of initialization, data order and augmentation (and of the
+      synthetic data).
+    deterministic: Op determinism: two runs of the same configuration give
+      bitwise-identical weights.
+    data, model, optimizer, step, loop, reporting: The parts.
+  """
+  model_dir: str
+  seed: int = 0
+  deterministic: bool = False
+  data: DataConfig = DataConfig()
+  model: ModelConfig = ModelConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  step: StepConfig = StepConfig()
+  loop: LoopConfig = LoopConfig()
+  reporting: ReportingConfig = ReportingConfig()
+
+  def __post_init__(self):
+    if self.deterministic and self.step.jit_compile:
+      raise ValueError("deterministic and jit_compile cannot both be on: "
+                       "TensorFlow has no deterministic XLA MaxPool gradient")
+
+  def to_json(self) -> dict:
+    """The tree as nested dicts (``config.json``)."""
+    return dataclasses.asdict(self)
+
+
+_PART_TYPES = {"data": DataConfig, "model": ModelConfig,
+               "optimizer": OptimizerConfig, "step": StepConfig,
+               "loop": LoopConfig, "reporting": ReportingConfig}
+_TOP_LEVEL = ("model_dir", "seed", "deterministic")
+
+
+def _flat_name(part: str, field: str) -> str:
+  return FLAG_NAMES.get((part, field), field)
+
+
+def part_from_flat(part: str, values: Mapping[str, Any]):
+  """Builds one part (``"optimizer"``, ...) from flat values by field name.
+
+  Missing names keep their defaults; other names are ignored.
+
+  Raises:
+    ValueError: for an invalid value.
+  """
+  part_type = _PART_TYPES[part]
+  return part_type(**{
+      f.name: values[_flat_name(part, f.name)]
+      for f in dataclasses.fields(part_type)
+      if _flat_name(part, f.name) in values})
+
+
+def from_flat(values: Mapping[str, Any], *, strict: bool = True
+              ) -> TrainConfig:
+  """Builds a ``TrainConfig`` from flat ``name -> value`` pairs.
+
+  Each field takes the value of the same name (``model.name`` and
+  ``optimizer.name`` are ``model`` and ``optimizer``, as the flags are
+  called); missing names keep their defaults.
+
+  Args:
+    values: Flat values, e.g. the flags' values with the resolved ones
+      (``global_batch_size``, ``jit_compile``, ...) added.
+    strict: Refuse names that are no field (off for flags, which also hold
+      settings that are not part of the run, such as ``--strategy``).
+
+  Returns:
+    The validated configuration.
+
+  Raises:
+    ValueError: for a missing ``model_dir``, an unknown name (when strict)
+      or an invalid value.
+  """
+  if "model_dir" not in values:
+    raise ValueError("model_dir is required")
+  if strict:
+    unknown = set(values) - set(to_flat(TrainConfig(model_dir="")))
+    if unknown:
+      raise ValueError(f"not configuration fields: {sorted(unknown)}")
+  return TrainConfig(
+      **{name: values[name] for name in _TOP_LEVEL if name in values},
+      **{part: part_from_flat(part, values) for part in _PART_TYPES})
+
+
+def to_flat(config: TrainConfig) -> dict[str, Any]:
+  """The configuration as flat ``name -> value`` pairs (``from_flat``'s
+  inverse)."""
+  flat = {name: getattr(config, name) for name in _TOP_LEVEL}
+  for part in _PART_TYPES:
+    for field, value in dataclasses.asdict(getattr(config, part)).items():
+      flat[_flat_name(part, field)] = value
+  return flat

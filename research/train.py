@@ -1,0 +1,192 @@
+"""A training run, wired: config -> data -> state -> controller -> actions.
+
+``train`` reads top to bottom: it sizes the run, builds the state (through
+``training.build_training``), restores the latest checkpoint, writes the run's
+description files, makes the input pipelines, and hands the cadence to a
+``controller.Controller`` with the run's actions (``actions.run_actions``).
+
+The global step is the number of batches consumed (``optimizer.iterations``
+unless steps were skipped for a non-finite loss); a resumed run rebuilds the
+exact input it would have seen and trains only what is left.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import tensorflow as tf
+
+from research import data as data_lib
+from research import distribute
+from research import export as export_lib
+from research import preemption
+from research import run_record as run_record_lib
+from research.actions import run_actions
+from research.checkpoints import CheckpointKeeper
+from research.config import TrainConfig
+from research.controller import Cadence
+from research.controller import Controller
+from research.errors import UserError
+from research.files import write_json
+from research.reporting import hparams_of
+from research.summaries import SummaryManager
+from research.training import StepTrainer
+from research.training import build_training
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+
+
+def cadence_of(config: TrainConfig, data: data_lib.ArrayData) -> Cadence:
+  """The run's length and rhythm in global steps.
+
+  Raises:
+    UserError: if no full batch fits in the training set (and short batches
+      are dropped), or warmup is not shorter than the run.
+  """
+  steps_per_epoch = data_lib.steps_per_epoch(
+      len(data.train_labels), config.step.global_batch_size,
+      not config.step.keep_short_batch)
+  total_steps = config.loop.epochs * steps_per_epoch
+  if config.optimizer.warmup_steps >= total_steps:
+    raise UserError(f"--warmup_steps={config.optimizer.warmup_steps} must be "
+                    f"less than the run's {total_steps} steps")
+  return Cadence(total_steps=total_steps,
+                 steps_per_loop=config.loop.steps_per_loop,
+                 steps_per_epoch=steps_per_epoch,
+                 eval_every_steps=config.loop.eval_every_steps,
+                 checkpoint_every_steps=config.loop.checkpoint_every_steps)
+
+
+def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
+          data: data_lib.ArrayData, log: Callable[[str], None] = print,
+          run_files: dict[str, dict] | None = None,
+          run_record: dict | None = None) -> dict:
+  """Trains (or resumes training of) the configured model and evaluates it.
+
+  Args:
+    config: The run's settings.
+    strategy: The distribution strategy (created before any other op).
+    data: The dataset, in memory.
+    log: Receives one console line per call and per evaluation.
+    run_files: More JSON files to write into ``model_dir`` (chief only) once
+      the run is known to be startable (after the checkpoint check), e.g.
+      ``{"flags.json": {...}}``. ``config.json`` (the resolved config) and
+      ``model.json`` (what ``export.py`` needs to rebuild the model) are
+      always written.
+    run_record: This invocation's record (``run_record.collect``), appended
+      to ``<model_dir>/run_record.json`` by the chief at the same point.
+
+  Returns:
+    The final metrics (also written to ``<model_dir>/metrics.json`` by the
+    chief): ``eval_accuracy``, ``eval_loss``, ``global_step``, ``epochs``,
+    ``wall_seconds``, ``train_examples_per_second``, ``skipped_steps``,
+    ``export_dir`` (None if not exported), ...
+
+  Raises:
+    UserError: if the run cannot start (see ``cadence_of``), the model
+      directory holds an incompatible checkpoint, or a save or the export
+      fails.
+    NonFiniteLossError: on a non-finite loss or gradient with
+      ``nan_policy="stop"``; nothing is saved.
+    preemption.Preempted: after a SIGTERM, once the checkpoint of the
+      current step is saved.
+  """
+  start_time = time.time()
+  chief = distribute.is_chief(strategy)
+  cadence = cadence_of(config, data)
+
+  if config.deterministic:
+    tf.config.experimental.enable_op_determinism()
+  tf.keras.utils.set_random_seed(config.seed)
+  state, runner = build_training(
+      strategy=strategy, model_config=config.model,
+      optimizer_config=config.optimizer, step_config=config.step,
+      num_classes=data.num_classes, image_shape=data.image_shape,
+      total_steps=cadence.total_steps,
+      keep_last_gradients=config.reporting.histogram_every_steps > 0)
+  keeper = CheckpointKeeper(
+      checkpoint=state.checkpoint,
+      directory=os.path.join(config.model_dir, "checkpoints"),
+      max_to_keep=config.loop.keep_checkpoints, is_chief=chief)
+  restored = keeper.restore_latest()
+  if state.has_constant_rate:
+    # A plain rate lives in a checkpointed variable; the configured one wins.
+    state.optimizer.learning_rate = config.optimizer.learning_rate
+  if restored:
+    log(f"resumed from {restored} at step {state.step}/{cadence.total_steps}")
+  if chief:
+    _write_run_files(config, data, run_files, run_record)
+
+  summaries = SummaryManager(model_dir=config.model_dir, enabled=chief)
+  summaries.hparams(hparams_of(config), trial_id=os.path.basename(
+      os.path.abspath(config.model_dir)))
+  trainer = StepTrainer(
+      runner=runner, state=state,
+      train_dataset=strategy.distribute_datasets_from_function(
+          lambda context: data_lib.make_train_dataset(
+              data, global_batch_size=config.step.global_batch_size,
+              seed=config.seed, num_epochs=config.loop.epochs,
+              start_step=state.step,
+              drop_remainder=not config.step.keep_short_batch,
+              augment=config.data.augment, input_context=context)),
+      eval_dataset=strategy.distribute_datasets_from_function(
+          lambda context: data_lib.make_eval_dataset(
+              data, global_batch_size=config.step.global_batch_size,
+              input_context=context)),
+      num_eval_steps=data_lib.eval_steps(len(data.test_labels),
+                                         config.step.global_batch_size),
+      steps_per_eval_call=config.loop.steps_per_loop)
+  actions = run_actions(config, state=state, data=data, summaries=summaries,
+                        total_steps=cadence.total_steps,
+                        steps_per_epoch=cadence.steps_per_epoch,
+                        is_chief=chief, log=log)
+  watcher = preemption.PreemptionWatcher(strategy)
+  try:
+    final = Controller(
+        trainer=trainer, evaluator=trainer, cadence=cadence,
+        start_step=state.step, checkpointer=keeper, summaries=summaries,
+        actions=actions.all, stop_requested=watcher.should_stop,
+        stop_on_nonfinite=config.step.nan_policy == "stop", log=log).run()
+  finally:
+    watcher.close()
+
+  result = final.result
+  metrics = {
+      "eval_accuracy": result["accuracy"],
+      "eval_loss": result["loss"],
+      "eval_correct": result["correct"],
+      "eval_count": result["count"],
+      "eval_class_accuracy": dict(zip(
+          data.class_names, [float(a) for a in result["class_accuracy"]])),
+      "global_step": state.step,
+      "optimizer_steps": int(state.optimizer.iterations.numpy()),
+      "skipped_steps": int(state.skipped_steps.numpy()),
+      "epochs": config.loop.epochs,
+      "steps_per_epoch": cadence.steps_per_epoch,
+      "wall_seconds": time.time() - start_time,
+      "train_examples_per_second": actions.progress.examples_per_second,
+      "num_replicas": strategy.num_replicas_in_sync,
+      "export_dir": actions.export.export_dir if actions.export else None,
+  }
+  if chief:
+    write_json(os.path.join(config.model_dir, METRICS_FILE), metrics)
+  return metrics
+
+
+def _write_run_files(config: TrainConfig, data: data_lib.ArrayData,
+                     run_files: dict[str, dict] | None,
+                     run_record: dict | None) -> None:
+  """Writes the files that describe the run, and appends the run record."""
+  os.makedirs(config.model_dir, exist_ok=True)
+  files = dict(run_files or {})
+  files[CONFIG_FILE] = config.to_json()
+  files[export_lib.MODEL_SPEC_FILE] = export_lib.model_spec(
+      class_names=data.class_names, image_shape=data.image_shape,
+      model_config=config.model)
+  for name, payload in files.items():
+    write_json(os.path.join(config.model_dir, name), payload)
+  if run_record is not None:
+    run_record_lib.append(config.model_dir, run_record)

@@ -1,0 +1,84 @@
+"""The loop equals model.fit across replicas: 2 replicas against one-device
+fit (in float64), and loop and fit under the same 2-replica strategy.
+
+Every case runs through ``research.equivalence.run`` in one fresh process
+(tests/equivalence_batch.py), each under strategies of its own; the tiny
+MLP's case, after the ConvNet's, also shows that collectives of different
+shapes in one process do not collide (``distribute.mirrored_strategy``).
+"""
+
+import pytest
+
+from conftest import (assert_bitwise_equal_to_fit, assert_equivalent,
+                      run_equivalence_batch)
+from test_equivalence import DATA, DATA_SHORT
+
+# A fresh process for the batch of cases.
+pytestmark = pytest.mark.slow
+
+CASES = {
+    "two_replicas": (DATA, {"replicas": 2}),
+    "l2": (DATA, {"replicas": 2, "model": {"l2": 0.001}}),
+    "short_batch": (DATA_SHORT, {"replicas": 2, "keep_short_batch": True}),
+    "unscaled_regularization": (DATA, {
+        "replicas": 2, "model": {"l2": 0.001},
+        "fault": "unscaled_regularization", "fault_step": 12}),
+    "same_strategy": (DATA, {"replicas": 2, "fit_replicas": 2,
+                             "steps_per_loop": 7}),
+    "adamw_step": (DATA, {
+        "replicas": 2, "fit_replicas": 2, "optimizer": {
+            "name": "adamw", "weight_decay": 0.01, "lr_schedule": "step",
+            "warmup_steps": 3}}),
+    "tiny_mlp": (DATA, {"replicas": 2, "fit_replicas": 2,
+                        "model": {"name": "tiny_mlp"}}),
+}
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+  return run_equivalence_batch(tmp_path_factory.mktemp("replicas"), CASES)
+
+
+def test_two_replicas_match_one_device_fit(reports):
+  report = reports["two_replicas"]
+  assert report["mode"] == "loop_replicas_vs_fit_one_device"
+  assert report["dtype"] == "float64"
+  assert report["max_loss_diff"] <= 1e-5
+  assert report["max_weight_diff"] <= 1e-4
+  assert_equivalent(report)
+
+
+def test_loop_and_fit_under_the_same_two_replica_strategy(reports):
+  report = reports["same_strategy"]
+  assert report["mode"] == "same_strategy" and report["dtype"] == "float32"
+  assert report["max_loss_diff"] <= 1e-6
+  assert report["max_weight_diff"] <= 1e-6
+  assert_equivalent(report)
+
+
+@pytest.mark.parametrize("case", ["l2", "short_batch"])
+def test_regularization_and_short_batch_match_fit(reports, case):
+  assert_equivalent(reports[case])
+  if case == "short_batch":
+    assert reports[case]["steps"] == 51
+
+
+def test_a_wrong_regularization_is_caught_at_the_right_step(reports):
+  report = reports["unscaled_regularization"]
+  assert not report["passed"] and report["text"].endswith("FAIL")
+  assert report["first_failing_step"] == 12
+  assert "FAIL: step 12: |loss difference|" in report["text"]
+  # Steps before the fault still agree.
+  assert all(abs(a - b) <= 1e-5 for a, b in zip(
+      report["fit_losses"][:12], report["loop_losses"][:12]))
+
+
+def test_adamw_and_a_step_schedule_match_fit_bitwise(reports):
+  report = reports["adamw_step"]
+  assert_bitwise_equal_to_fit(report)
+  assert report["loop_losses"][-1] < report["loop_losses"][0] - 0.2
+
+
+def test_a_registered_model_without_a_sequential_twin_matches_fit(reports):
+  report = reports["tiny_mlp"]
+  assert_bitwise_equal_to_fit(report)
