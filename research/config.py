@@ -279,6 +279,20 @@ def from_flat(values: Mapping[str, Any], *, strict: bool = True
       **{part: part_from_flat(part, values) for part in _PART_TYPES})
 
 
+def from_json(payload: Mapping[str, Any]) -> TrainConfig:
+  """The configuration that ``TrainConfig.to_json`` wrote (a run's
+  ``config.json``); fields it lacks take their defaults.
+
+  Raises:
+    ValueError: for an invalid value.
+  """
+  flat = {name: payload[name] for name in _TOP_LEVEL if name in payload}
+  for part in _PART_TYPES:
+    for field, value in (payload.get(part) or {}).items():
+      flat[_flat_name(part, field)] = value
+  return from_flat(flat, strict=False)
+
+
 def to_flat(config: TrainConfig) -> dict[str, Any]:
   """The configuration as flat ``name -> value`` pairs (``from_flat``'s
   inverse)."""

@@ -13,7 +13,8 @@ each call decides, in this order:
    ``checkpoint_every_steps`` and at the end), so that the event files never
    lag behind a checkpoint; without periodic checkpoints the summaries are
    committed after every call;
-5. stop on request (preemption): commit, save, raise ``Preempted``.
+5. stop on request (preemption, Ctrl-C): commit, save, raise
+   ``Preempted``.
 
 Everything else (console lines, TensorBoard, histograms, images, profiling,
 the export) is an ``Action``; the controller only calls their hooks. It
@@ -185,7 +186,7 @@ class Controller:
   def __init__(self, *, trainer: Trainer, evaluator: Evaluator,
                cadence: Cadence, start_step: int, checkpointer: Checkpointer,
                summaries: Summaries, actions: Sequence[Action] = (),
-               stop_requested: Callable[[], bool] = lambda: False,
+               stop_requested: Callable[[], str | None] = lambda: None,
                stop_on_nonfinite: bool = True,
                log: Callable[[str], None] = print):
     """Args:
@@ -196,9 +197,9 @@ class Controller:
       checkpointer: Saves checkpoints.
       summaries: Committed before every save.
       actions: Side concerns, called at their hooks in this order.
-      stop_requested: Asked after every call before the last; True saves a
-        checkpoint and raises ``Preempted`` (a SIGTERM, agreed by all
-        workers).
+      stop_requested: Asked after every call before the last; the name of
+        a signal (``"SIGTERM"``, ``"SIGINT"``: agreed by all workers) saves a
+        checkpoint and raises ``Preempted``; None goes on.
       stop_on_nonfinite: A call reporting a non-finite step raises
         ``NonFiniteLossError`` before anything is saved.
       log: Receives the controller's own console lines.
@@ -252,13 +253,16 @@ class Controller:
           self._save()
         elif not self.cadence.checkpoint_every_steps:
           self.summaries.commit()
-        if self.step < self.cadence.total_steps and self.stop_requested():
+        signal_name = (self.stop_requested()
+                       if self.step < self.cadence.total_steps else None)
+        if signal_name:
           path = self._save()
           self.summaries.close()
-          self.log(f"stopped by SIGTERM at step {self.step}/"
-                   f"{self.cadence.total_steps}; checkpoint saved; run the "
-                   f"same command to resume")
-          raise Preempted(self.step, path)
+          what = ("interrupted" if signal_name == "SIGINT"
+                  else f"stopped by {signal_name}")
+          self.log(f"{what} at step {self.step}/{self.cadence.total_steps}; "
+                   f"checkpoint saved; run the same command to resume")
+          raise Preempted(self.step, path, signal_name)
       if last is None:
         last = self._evaluate()
       self.summaries.close()

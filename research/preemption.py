@@ -1,10 +1,12 @@
-"""Graceful stop on SIGTERM (preemption), agreed by every worker.
+"""Graceful stop on SIGTERM (preemption) and Ctrl-C, agreed by every worker.
 
-A SIGTERM only sets a flag. After each training call the loop asks
-``should_stop``: under a multi-worker strategy the flag is combined over all
-workers with a collective sum, so every worker stops after the same step and
-takes part in the same final (collective) checkpoint save. The process then
-exits with ``PREEMPTED_EXIT_STATUS``.
+A SIGTERM or a first SIGINT only sets a flag. After each training call the
+controller asks ``should_stop``: under a multi-worker strategy the requests
+of all workers are summed (a collective), so every worker stops after the
+same step, for the strongest request (Ctrl-C over SIGTERM), and takes part in the same final (collective) checkpoint save.
+The process then exits with the signal's status (``Preempted.exit_status``):
+143 for SIGTERM, 130 for SIGINT, as a shell reports them. A second SIGINT
+aborts at once (``KeyboardInterrupt``), without saving.
 
 TensorFlow's ``PreemptionCheckpointHandler`` does the same through the
 coordination service but owns checkpoint numbering and exits by itself; this
@@ -22,13 +24,21 @@ import tensorflow as tf
 # such as Kubeflow's TFJob (restartPolicy: ExitCode) treat 128-255 as
 # retryable, so the job is restarted and resumes from the checkpoint.
 PREEMPTED_EXIT_STATUS = 143
+INTERRUPTED_EXIT_STATUS = 130  # 128 + SIGINT.
+
+# Stop requests by strength: the stronger wins, so one worker's Ctrl-C is
+# every worker's.
+_NO_STOP, _SIGTERM, _SIGINT = 0, 1, 2
+_CODES = {signal.SIGTERM: _SIGTERM, signal.SIGINT: _SIGINT}
+_NAMES = {_SIGTERM: "SIGTERM", _SIGINT: "SIGINT"}
 
 
 class PreemptionWatcher:
-  """Turns SIGTERM into a stop request the loop can act on between calls."""
+  """Turns SIGTERM and Ctrl-C into a stop request the loop acts on between
+  calls."""
 
   def __init__(self, strategy: tf.distribute.Strategy, *,
-               signals=(signal.SIGTERM,)):
+               signals=(signal.SIGTERM, signal.SIGINT)):
     """Installs the signal handlers (only possible in the main thread).
 
     Args:
@@ -36,7 +46,8 @@ class PreemptionWatcher:
       signals: The signals that request a stop.
     """
     self.strategy = strategy
-    self._requested = threading.Event()
+    self._requested = _NO_STOP
+    self._lock = threading.Lock()
     self._previous = {}
     if threading.current_thread() is threading.main_thread():
       for sig in signals:
@@ -45,20 +56,30 @@ class PreemptionWatcher:
     self._vote = tf.function(self._vote_fn)
 
   def _on_signal(self, signum, frame):
-    del signum, frame
-    self._requested.set()
+    del frame
+    if signum == signal.SIGINT and self._requested == _SIGINT:
+      raise KeyboardInterrupt  # The second Ctrl-C: stop at once.
+    with self._lock:
+      self._requested = max(self._requested, _CODES.get(signum, _SIGTERM))
 
-  def _vote_fn(self, flag):
-    per_replica = self.strategy.run(lambda f: tf.identity(f), args=(flag,))
+  def _vote_fn(self, requests):
+    per_replica = self.strategy.run(lambda r: tf.identity(r),
+                                    args=(requests,))
     return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
                                 axis=None)
 
-  def should_stop(self) -> bool:
-    """Whether this or (under multi-worker) any worker got a stop signal."""
-    local = self._requested.is_set()
-    if not self._multi_worker:
-      return local
-    return int(self._vote(tf.constant(int(local))).numpy()) > 0
+  def should_stop(self) -> str | None:
+    """Which stop this or (under multi-worker) any worker was asked for:
+    ``"SIGINT"`` (wins), ``"SIGTERM"``, or None."""
+    code = self._requested
+    if self._multi_worker:
+      # Counts of workers asking for each stop, summed (collectives have no
+      # max); float32 because collectives on GPUs refuse int32
+      # (tensorflow#56184).
+      requests = tf.one_hot(code, len(_NAMES) + 1, dtype=tf.float32)
+      counts = self._vote(requests).numpy()
+      code = max((c for c in _NAMES if counts[c] > 0), default=_NO_STOP)
+    return _NAMES.get(code)
 
   def close(self) -> None:
     """Restores the previous signal handlers."""
@@ -68,9 +89,22 @@ class PreemptionWatcher:
 
 
 class Preempted(Exception):
-  """Raised after the checkpoint of a stop request has been saved."""
+  """Raised after the checkpoint of a stop request has been saved.
 
-  def __init__(self, step: int, checkpoint: str | None):
-    super().__init__(f"stopped by SIGTERM at step {step}; saved {checkpoint}")
+  Attributes:
+    step: The step saved.
+    checkpoint: Its path.
+    signal_name: ``"SIGTERM"`` or ``"SIGINT"``.
+    exit_status: The process's exit status for it (143 or 130).
+  """
+
+  def __init__(self, step: int, checkpoint: str | None,
+               signal_name: str = "SIGTERM"):
+    what = ("interrupted" if signal_name == "SIGINT"
+            else f"stopped by {signal_name}")
+    super().__init__(f"{what} at step {step}; saved {checkpoint}")
     self.step = step
     self.checkpoint = checkpoint
+    self.signal_name = signal_name
+    self.exit_status = (INTERRUPTED_EXIT_STATUS if signal_name == "SIGINT"
+                        else PREEMPTED_EXIT_STATUS)

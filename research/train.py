@@ -22,6 +22,7 @@ from research import data as data_lib
 from research import distribute
 from research import export as export_lib
 from research import preemption
+from research import resume
 from research import run_record as run_record_lib
 from research.actions import run_actions
 from research.checkpoints import CheckpointKeeper
@@ -35,7 +36,6 @@ from research.summaries import SummaryManager
 from research.training import StepTrainer
 from research.training import build_training
 
-CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 
 
@@ -85,10 +85,15 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
     ``wall_seconds``, ``train_examples_per_second``, ``skipped_steps``,
     ``export_dir`` (None if not exported), ...
 
+  A run directory that holds a run resumes it only if this configuration
+  is the same experiment (``resume.check``; allowed changes are logged and
+  recorded); a run that already finished returns its recorded metrics and
+  writes nothing.
+
   Raises:
     UserError: if the run cannot start (see ``cadence_of``), the model
-      directory holds an incompatible checkpoint, or a save or the export
-      fails.
+      directory holds another experiment or an incompatible checkpoint, or
+      a save or the export fails.
     NonFiniteLossError: on a non-finite loss or gradient with
       ``nan_policy="stop"``; nothing is saved.
     preemption.Preempted: after a SIGTERM, once the checkpoint of the
@@ -97,6 +102,7 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
   start_time = time.time()
   chief = distribute.is_chief(strategy)
   cadence = cadence_of(config, data)
+  changes = resume.check(config, data)  # Refuses another experiment.
 
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
@@ -117,8 +123,17 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
     state.optimizer.learning_rate = config.optimizer.learning_rate
   if restored:
     log(f"resumed from {restored} at step {state.step}/{cadence.total_steps}")
+    recorded = resume.recorded_result(config.model_dir, state.step)
+    if recorded is not None and state.step >= cadence.total_steps:
+      log(f"the run already finished at step {state.step}; nothing to do "
+          f"(its results are in {METRICS_FILE})")
+      return recorded
+  if changes:
+    log("changed since the last invocation: " + ", ".join(
+        f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items()))
   if chief:
-    _write_run_files(config, data, run_files, run_record)
+    _write_run_files(config, data, run_files,
+                     run_record and {**run_record, "config_changes": changes})
 
   summaries = SummaryManager(model_dir=config.model_dir, enabled=chief)
   summaries.hparams(hparams_of(config), trial_id=os.path.basename(
@@ -182,7 +197,8 @@ def _write_run_files(config: TrainConfig, data: data_lib.ArrayData,
   """Writes the files that describe the run, and appends the run record."""
   os.makedirs(config.model_dir, exist_ok=True)
   files = dict(run_files or {})
-  files[CONFIG_FILE] = config.to_json()
+  files[resume.CONFIG_FILE] = config.to_json()
+  files[resume.DATA_FILE] = resume.data_facts(data)
   files[export_lib.MODEL_SPEC_FILE] = export_lib.model_spec(
       class_names=data.class_names, image_shape=data.image_shape,
       model_config=config.model)

@@ -33,7 +33,11 @@ import cli_common as cli  # noqa: E402  (scripts/cli_common.py)
 FLAGS = flags.FLAGS
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                             "train_loop.py")
-PREEMPTED_EXIT_STATUS = 143  # As research.preemption; no TensorFlow here.
+# As research.preemption (no TensorFlow here): the statuses of workers that
+# saved a checkpoint and stopped on SIGTERM or on Ctrl-C.
+PREEMPTED_EXIT_STATUS = 143
+INTERRUPTED_EXIT_STATUS = 130
+STOPPED_STATUSES = (PREEMPTED_EXIT_STATUS, INTERRUPTED_EXIT_STATUS)
 
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
@@ -99,7 +103,8 @@ def launch(num_workers: int, train_args: list[str], grace_seconds: float
   """Starts the workers, relays their output, and waits for them.
 
   Returns:
-    0 if every worker succeeded; 143 if they stopped on SIGTERM; otherwise
+    0 if every worker succeeded; 143 or 130 if they saved and stopped on
+    SIGTERM or Ctrl-C (130 if any worker was interrupted); otherwise
     the failing worker's status (or 1 for a signal).
   """
   ports = free_ports(num_workers)
@@ -137,7 +142,7 @@ def launch(num_workers: int, train_args: list[str], grace_seconds: float
           os.killpg(proc.pid, signal.SIGTERM)
     codes = [proc.poll() for proc in workers]
     failed = [(i, c) for i, c in enumerate(codes)
-              if c not in (None, 0, PREEMPTED_EXIT_STATUS)]
+              if c not in (None, 0, *STOPPED_STATUSES)]
     if failed:
       i, code = failed[0]
       sys.stderr.write(f"error: worker {i} exited with {describe_status(code)}"
@@ -145,10 +150,11 @@ def launch(num_workers: int, train_args: list[str], grace_seconds: float
       _stop(workers, signal.SIGTERM, grace_seconds)
       return code if code > 0 else 1
     if all(c is not None for c in codes):
-      if any(c == PREEMPTED_EXIT_STATUS for c in codes):
+      stopped = [c for c in codes if c in STOPPED_STATUSES]
+      if stopped:
         print("launcher: workers saved a checkpoint and stopped; run the same "
               "command to resume", flush=True)
-        return PREEMPTED_EXIT_STATUS
+        return min(stopped)  # 130 (interrupted) over 143.
       return 0
     time.sleep(0.2)
 

@@ -186,7 +186,12 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
     cli.exit_with_error(str(e), status=e.exit_status)
   except preemption.Preempted as e:
     sys.stderr.write(f"{e}; run the same command to resume\n")
-    sys.exit(preemption.PREEMPTED_EXIT_STATUS)
+    sys.exit(e.exit_status)
+  except KeyboardInterrupt:
+    # A second Ctrl-C while the first one's checkpoint was pending.
+    sys.stderr.write("aborted by a second Ctrl-C; nothing saved since the "
+                     "last checkpoint; run the same command to resume\n")
+    sys.exit(preemption.INTERRUPTED_EXIT_STATUS)
   print(f"done: eval accuracy {metrics['eval_accuracy']:.4f} "
         f"loss {metrics['eval_loss']:.4f} at step {metrics['global_step']} "
         f"in {metrics['wall_seconds']:.0f}s", flush=True)

@@ -88,7 +88,7 @@ class Recorder(Action):
 
 
 def _controller(events, *, start_step=0, actions=(), trainer=None,
-                stop_requested=lambda: False, **cadence):
+                stop_requested=lambda: None, **cadence):
   settings = dict(total_steps=48, steps_per_loop=8, steps_per_epoch=16,
                   checkpoint_every_steps=16)
   settings.update(cadence)
@@ -221,20 +221,25 @@ def test_a_non_finite_step_goes_on_when_not_stopping():
   assert checkpointer.saved == [16, 32, 48]
 
 
-def test_a_stop_request_saves_the_current_step_then_raises():
+@pytest.mark.parametrize("signal_name,line,status", [
+    ("SIGTERM", "stopped by SIGTERM at step 24/48", 143),
+    ("SIGINT", "interrupted at step 24/48", 130)])
+def test_a_stop_request_saves_the_current_step_then_raises(signal_name, line,
+                                                          status):
   events = []
-  requests = iter([False, False, True])
+  requests = iter([None, None, signal_name])
   controller, checkpointer = _controller(
       events, actions=[Recorder(events)],
       stop_requested=lambda: next(requests))
   with pytest.raises(Preempted) as stopped:
     controller.run()
   assert stopped.value.step == 24 and stopped.value.checkpoint == "ckpt-24"
+  assert stopped.value.exit_status == status
   assert checkpointer.saved == [16, 24]
   save = events.index(("save", 24))
   assert events[save - 1] == ("commit",) and events[save + 1] == ("close",)
-  assert [e for e in events if e[0] == "log"][-1][1].startswith(
-      "stopped by SIGTERM at step 24/48")
+  assert [e for e in events if e[0] == "log"][-1][1] == (
+      f"{line}; checkpoint saved; run the same command to resume")
   assert ("at_end", 24) not in events and events[-1] == ("action_close",)
 
 

@@ -222,6 +222,10 @@ def _other_model_checkpoint(tmp_path, model_dir):
   assert run_in_process("train_loop.py", "--epochs=1", "--batch_size=4",
                         *_folder(tmp_path),
                         f"--model_dir={model_dir}").returncode == 0
+  # A run directory from before config.json: the checkpoint itself tells
+  # (with config.json, tests/test_resume.py's guard refuses it first).
+  os.remove(os.path.join(model_dir, "config.json"))
+  os.remove(os.path.join(model_dir, "data.json"))
   return ["--dataset=synthetic", "--synthetic_train_size=64",
           "--synthetic_test_size=16"]
 

@@ -140,3 +140,32 @@ def test_sigterm_saves_and_a_rerun_resumes(tmp_path):
   steps = [s for s, _ in read_scalars(os.path.join(model_dir, "train"))["loss"]]
   assert steps == list(range(8, 161, 8))
   assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_ctrl_c_on_one_worker_stops_every_worker_at_the_same_step(tmp_path):
+  """Worker 1 alone gets SIGINT; the vote makes both save the same step and
+  exit 130 (interrupted), and the launcher with them."""
+  model_dir = str(tmp_path / "interrupted")
+  proc = _launch(tmp_path, *SMOKE, "--epochs=10", "--noexport",
+                 f"--model_dir={model_dir}")
+  try:
+    pids = []
+    for line in proc.stdout:
+      match = re.search(r"\(pids (\d+), (\d+)\)", line)
+      if match:
+        pids = [int(match.group(1)), int(match.group(2))]
+      if line.startswith("[worker 1] train step 24/"):
+        os.kill(pids[1], signal.SIGINT)
+        break
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 130, out + err
+  steps = {int(s) for s in re.findall(
+      r"\[worker \d\] interrupted at step (\d+)/160; checkpoint saved", out)}
+  assert len(steps) == 1 and "[worker 0] interrupted" in out, out
+  (saved,) = steps
+  assert "Traceback" not in out + err
+  assert tf.train.latest_checkpoint(
+      os.path.join(model_dir, "checkpoints")).endswith(f"ckpt-{saved}")
