@@ -12,6 +12,7 @@ exact input it would have seen and trains only what is left.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Callable
@@ -32,6 +33,7 @@ from research.controller import Controller
 from research.errors import UserError
 from research.files import write_json
 from research.reporting import hparams_of
+from research.run_lock import RunLock
 from research.summaries import SummaryManager
 from research.training import StepTrainer
 from research.training import build_training
@@ -131,45 +133,55 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
   if changes:
     log("changed since the last invocation: " + ", ".join(
         f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items()))
-  if chief:
-    _write_run_files(config, data, run_files,
-                     run_record and {**run_record, "config_changes": changes})
-
-  summaries = SummaryManager(model_dir=config.model_dir, enabled=chief)
-  summaries.hparams(hparams_of(config), trial_id=os.path.basename(
-      os.path.abspath(config.model_dir)))
-  trainer = StepTrainer(
-      runner=runner, state=state,
-      train_dataset=strategy.distribute_datasets_from_function(
-          lambda context: data_lib.make_train_dataset(
-              data, global_batch_size=config.step.global_batch_size,
-              seed=config.seed, num_epochs=config.loop.epochs,
-              start_step=state.step,
-              drop_remainder=not config.step.keep_short_batch,
-              augment=config.data.augment, input_context=context)),
-      eval_dataset=strategy.distribute_datasets_from_function(
-          lambda context: data_lib.make_eval_dataset(
-              data, global_batch_size=config.step.global_batch_size,
-              input_context=context)),
-      num_eval_steps=data_lib.eval_steps(len(data.test_labels),
-                                         config.step.global_batch_size),
-      steps_per_eval_call=config.loop.steps_per_loop)
-  actions = run_actions(config, state=state, data=data, summaries=summaries,
-                        total_steps=cadence.total_steps,
-                        steps_per_epoch=cadence.steps_per_epoch,
-                        is_chief=chief, log=log)
-  watcher = preemption.PreemptionWatcher(strategy)
-  try:
+  with contextlib.ExitStack() as held:
+    if chief:
+      # One writer per run directory, from its first write to its last.
+      held.enter_context(RunLock(config.model_dir))
+      _write_run_files(config, data, run_files, run_record and {
+          **run_record, "config_changes": changes})
+    summaries = SummaryManager(model_dir=config.model_dir, enabled=chief)
+    summaries.hparams(hparams_of(config), trial_id=os.path.basename(
+        os.path.abspath(config.model_dir)))
+    trainer = StepTrainer(
+        runner=runner, state=state,
+        train_dataset=strategy.distribute_datasets_from_function(
+            lambda context: data_lib.make_train_dataset(
+                data, global_batch_size=config.step.global_batch_size,
+                seed=config.seed, num_epochs=config.loop.epochs,
+                start_step=state.step,
+                drop_remainder=not config.step.keep_short_batch,
+                augment=config.data.augment, input_context=context)),
+        eval_dataset=strategy.distribute_datasets_from_function(
+            lambda context: data_lib.make_eval_dataset(
+                data, global_batch_size=config.step.global_batch_size,
+                input_context=context)),
+        num_eval_steps=data_lib.eval_steps(len(data.test_labels),
+                                           config.step.global_batch_size),
+        steps_per_eval_call=config.loop.steps_per_loop)
+    actions = run_actions(config, state=state, data=data,
+                          summaries=summaries,
+                          total_steps=cadence.total_steps,
+                          steps_per_epoch=cadence.steps_per_epoch,
+                          is_chief=chief, log=log)
+    watcher = preemption.PreemptionWatcher(strategy)
+    held.callback(watcher.close)
     final = Controller(
         trainer=trainer, evaluator=trainer, cadence=cadence,
         start_step=state.step, checkpointer=keeper, summaries=summaries,
         actions=actions.all, stop_requested=watcher.should_stop,
         stop_on_nonfinite=config.step.nan_policy == "stop", log=log).run()
-  finally:
-    watcher.close()
+    metrics = _final_metrics(config, data, strategy, state, cadence, actions,
+                             final, seconds=time.time() - start_time)
+    if chief:
+      write_json(os.path.join(config.model_dir, METRICS_FILE), metrics)
+  return metrics
 
+
+def _final_metrics(config, data, strategy, state, cadence, actions, final, *,
+                   seconds: float) -> dict:
+  """What ``metrics.json`` holds (see ``train``)."""
   result = final.result
-  metrics = {
+  return {
       "eval_accuracy": result["accuracy"],
       "eval_loss": result["loss"],
       "eval_correct": result["correct"],
@@ -181,14 +193,11 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
       "skipped_steps": int(state.skipped_steps.numpy()),
       "epochs": config.loop.epochs,
       "steps_per_epoch": cadence.steps_per_epoch,
-      "wall_seconds": time.time() - start_time,
+      "wall_seconds": seconds,
       "train_examples_per_second": actions.progress.examples_per_second,
       "num_replicas": strategy.num_replicas_in_sync,
       "export_dir": actions.export.export_dir if actions.export else None,
   }
-  if chief:
-    write_json(os.path.join(config.model_dir, METRICS_FILE), metrics)
-  return metrics
 
 
 def _write_run_files(config: TrainConfig, data: data_lib.ArrayData,

@@ -1,0 +1,135 @@
+"""One writer per run directory (research/run_lock.py)."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import errno
+import sys
+
+import pytest
+
+from conftest import REPO, SCRIPTS, run_in_process
+from research.errors import UserError
+from research.run_lock import LOCK_FILE
+from research.run_lock import RunLock
+
+SMOKE = ["--flagfile=configs/smoke.flags"]
+
+
+def _snapshot(root):
+  out = {}
+  for folder, _, files in os.walk(root):
+    for name in files:
+      with open(os.path.join(folder, name), "rb") as f:
+        out[os.path.relpath(os.path.join(folder, name), root)] = (
+            hashlib.sha256(f.read()).hexdigest())
+  return out
+
+
+def test_a_held_run_is_refused_naming_its_holder_and_left_untouched(
+    tmp_path):
+  model_dir = str(tmp_path / "run")
+  with RunLock(model_dir, argv=["train_loop.py", "--flag=1"]):
+    before = _snapshot(model_dir)
+    proc = run_in_process("train_loop.py", *SMOKE,
+                          f"--model_dir={model_dir}")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    line = proc.stderr.strip()
+    assert line.startswith(f"error: --model_dir={model_dir} is in use by "
+                           f"another trainer (host ")
+    assert f"pid {os.getpid()}" in line
+    assert "train_loop.py --flag=1" in line
+    assert "\n" not in line and "train step" not in proc.stdout
+    assert _snapshot(model_dir) == before
+  # Released: the same command now runs.
+  assert run_in_process("train_loop.py", *SMOKE, "--epochs=1",
+                        f"--model_dir={model_dir}").returncode == 0
+
+
+def test_the_lock_is_released_on_every_way_out(tmp_path):
+  lock = RunLock(str(tmp_path))
+  lock.acquire()
+  with pytest.raises(UserError, match="in use by another trainer"):
+    RunLock(str(tmp_path)).acquire()
+  lock.release()
+  with RunLock(str(tmp_path)):
+    pass
+  # A run that fails after taking it (a bad rate: non-finite at once)
+  # releases it too.
+  run_in_process("train_loop.py", *SMOKE, "--learning_rate=1e30",
+                 f"--model_dir={tmp_path / 'nan'}")
+  with RunLock(str(tmp_path / "nan")):
+    pass
+
+
+def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(
+    tmp_path, monkeypatch, caplog):
+  from research import run_lock
+
+  def no_locks(*args):
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+  monkeypatch.setattr(run_lock.fcntl, "flock", no_locks)
+  with RunLock(str(tmp_path)), RunLock(str(tmp_path)):
+    pass  # Nothing can stop a second holder there.
+  assert "the filesystem does not support locks" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_second_trainer_on_a_running_run_exits_2_and_the_first_finishes(
+    tmp_path):
+  """The double launch of the issue, as users do it: two processes."""
+  model_dir = str(tmp_path / "run")
+  args = [sys.executable, "-u", os.path.join(SCRIPTS, "train_loop.py"),
+          *SMOKE, "--epochs=8", f"--model_dir={model_dir}"]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  first = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+  try:
+    for line in first.stdout:
+      if line.startswith("train step"):
+        break
+    second = subprocess.run(args, cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    out, err = first.communicate(timeout=180)
+  finally:
+    if first.poll() is None:
+      first.kill()
+  assert second.returncode == 2, second.stderr
+  last = second.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: --model_dir={model_dir} is in use by "
+                         f"another trainer")
+  assert f"pid {first.pid}" in last and "Traceback" not in second.stderr
+  assert first.returncode == 0, err
+  with open(os.path.join(model_dir, "run_record.json")) as f:
+    assert len(json.load(f)["invocations"]) == 1
+  for split in ("train", "eval"):
+    assert len(os.listdir(os.path.join(model_dir, split))) == 1
+
+
+@pytest.mark.slow
+def test_a_killed_holder_never_blocks_the_resume(tmp_path):
+  model_dir = str(tmp_path / "run")
+  args = [*SMOKE, "--epochs=20", f"--model_dir={model_dir}"]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.Popen(
+      [sys.executable, "-u", os.path.join(SCRIPTS, "train_loop.py"), *args],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+      text=True)
+  try:
+    for line in proc.stdout:
+      if line.startswith("train step 24/"):
+        proc.send_signal(signal.SIGKILL)
+        break
+    proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == -signal.SIGKILL
+  with open(os.path.join(model_dir, LOCK_FILE)) as f:
+    assert f"pid {proc.pid}" in f.read()  # Left behind, but not held.
+  rerun = run_in_process("train_loop.py", *args)
+  assert rerun.returncode == 0, rerun.stderr
+  assert "resumed from" in rerun.stdout
