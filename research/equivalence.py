@@ -358,10 +358,10 @@ def _run(config: EquivalenceConfig, data: data_lib.ArrayData,
       raise ValueError(f"global_batch_size {config.global_batch_size} does "
                        f"not divide over {r} replicas")
   drop = not config.keep_short_batch
-  spe = data_lib.steps_per_epoch(len(data.train_labels),
-                                 config.global_batch_size, drop)
-  steps = config.steps or spe
-  epochs = -(-steps // spe)
+  epoch_steps = data_lib.steps_per_epoch(len(data.train_labels),
+                                         config.global_batch_size, drop)
+  steps = config.steps or epoch_steps
+  epochs = -(-steps // epoch_steps)
 
   def train_dataset(input_context=None):
     return data_lib.make_train_dataset(

@@ -137,8 +137,11 @@ class StepRunner:
       return self.global_batch_size
     # A short batch: divide by the examples really in this step, over all
     # replicas, so the loss is the true mean of the step's examples.
-    local = tf.shape(labels)[0]
-    return tf.distribute.get_replica_context().all_reduce(_SUM, local)
+    # Summed as float32 (exact for any batch below 2**24): collectives on
+    # GPUs refuse int32 (tensorflow#56184).
+    local = tf.cast(tf.shape(labels)[0], tf.float32)
+    total = tf.distribute.get_replica_context().all_reduce(_SUM, local)
+    return tf.cast(total, tf.int32)
 
   def _regularization(self):
     if not self.model.losses:

@@ -86,22 +86,23 @@ def main(argv):
   results = []
   for batch, jit in settings:
     window_steps = max(1, round(FLAGS.window_examples / batch))
-    spl = min(FLAGS.steps_per_loop, window_steps)
-    window_steps = max(spl, window_steps // spl * spl)
+    steps_per_call = min(FLAGS.steps_per_loop, window_steps)
+    window_steps = max(steps_per_call,
+                       window_steps // steps_per_call * steps_per_call)
     real = benchmarking.real_pipeline(data, batch)
     contenders = {
         "loop": benchmarking.LoopContender(
-            real, global_batch_size=batch, steps_per_loop=spl,
+            real, global_batch_size=batch, steps_per_loop=steps_per_call,
             jit_compile=jit).run,
         "loop_synthetic": benchmarking.LoopContender(
             benchmarking.synthetic_in_memory(batch), global_batch_size=batch,
-            steps_per_loop=spl, jit_compile=jit).run,
+            steps_per_loop=steps_per_call, jit_compile=jit).run,
         "fit_default": benchmarking.FitContender(
             benchmarking.real_pipeline(data, batch), steps_per_execution=1,
             jit_compile="auto").run,
         "fit_matched": benchmarking.FitContender(
             benchmarking.real_pipeline(data, batch),
-            steps_per_execution=spl, jit_compile=jit).run,
+            steps_per_execution=steps_per_call, jit_compile=jit).run,
     }
     seconds = benchmarking.time_alternating(
         contenders, steps=window_steps, windows=FLAGS.windows)
@@ -109,11 +110,11 @@ def main(argv):
              for name, secs in seconds.items()}
     medians = {name: statistics.median(r) for name, r in rates.items()}
     row = {"batch_size": batch, "jit_compile": jit,
-           "steps_per_loop": spl, "window_steps": window_steps,
+           "steps_per_loop": steps_per_call, "window_steps": window_steps,
            "examples_per_second": rates, "median": medians}
     results.append(row)
     print(f"batch {batch} xla {'on' if jit else 'off'} (steps per call "
-          f"{spl}): " + ", ".join(f"{k} {v:,.0f}" for k, v in
+          f"{steps_per_call}): " + ", ".join(f"{k} {v:,.0f}" for k, v in
                                   medians.items()) + " examples/s",
           flush=True)
 
