@@ -49,6 +49,38 @@ def _op_determinism_off_after_each_test():
   tf_config.disable_op_determinism()
 
 
+def signal_script_at(line_prefix: str, args, sig: int, *,
+                     timeout: float = 180) -> subprocess.CompletedProcess:
+  """Starts ``scripts/train_loop.py args``, sends it ``sig`` as soon as it
+  prints a line starting with ``line_prefix``, and waits for it to end.
+
+  Returns:
+    Its exit status (negative: killed by that signal), everything it
+    printed on stdout, and its stderr; ``pid`` is set on the result.
+  """
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.Popen(
+      [sys.executable, "-u", os.path.join(SCRIPTS, "train_loop.py"), *args],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+  seen = []
+  try:
+    for line in proc.stdout:
+      seen.append(line)
+      if line.startswith(line_prefix):
+        proc.send_signal(sig)
+        break
+    out, err = proc.communicate(timeout=timeout)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  result = subprocess.CompletedProcess(proc.args, proc.returncode,
+                                       "".join(seen) + out, err)
+  result.pid = proc.pid
+  return result
+
+
 @contextlib.contextmanager
 def _working_directory(path):
   # contextlib.chdir is Python >= 3.11; the project supports 3.10.

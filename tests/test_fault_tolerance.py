@@ -6,15 +6,15 @@ import json
 import os
 import pickle
 import signal
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (REPO, SCRIPTS, read_scalars, run_in_process,
-                      run_script, write_cifar_batches, write_image_folder)
+from conftest import (REPO, SCRIPTS, read_scalars, run_in_process, run_script,
+                      signal_script_at, write_cifar_batches,
+                      write_image_folder)
 
 SMOKE = ["--flagfile=configs/smoke.flags", "--deterministic"]
 TRAIN_STEPS = [8, 16, 24, 32, 40, 48]
@@ -80,29 +80,6 @@ def test_two_deterministic_runs_are_bitwise_identical(tmp_path,
   assert a == b
 
 
-def _run_and_kill_after(line_prefix, args, timeout=180):
-  """Starts train_loop.py and SIGKILLs it as soon as it prints the line."""
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.Popen(
-      [sys.executable, "-u", os.path.join(SCRIPTS, "train_loop.py"), *args],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-      text=True)
-  seen = []
-  try:
-    for line in proc.stdout:
-      seen.append(line)
-      if line.startswith(line_prefix):
-        proc.send_signal(signal.SIGKILL)
-        break
-    proc.wait(timeout=timeout)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-  assert proc.returncode == -signal.SIGKILL, "".join(seen)
-  return seen
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after", [
     "train step 24/48",  # mid-epoch, between checkpoints
@@ -113,7 +90,8 @@ def test_sigkill_then_rerun_is_bitwise_identical(tmp_path, reference_run,
                                                  kill_after):
   model_dir = str(tmp_path / "killed")
   args = [*SMOKE, "--synthetic_test_size=2048", f"--model_dir={model_dir}"]
-  _run_and_kill_after(kill_after, args)
+  killed = signal_script_at(kill_after, args, signal.SIGKILL)
+  assert killed.returncode == -signal.SIGKILL, killed.stdout
   assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
   proc = run_in_process("train_loop.py", *args)
   assert proc.returncode == 0, proc.stderr

@@ -6,13 +6,11 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import tensorflow as tf
 
-from conftest import (REPO, SCRIPTS, read_scalars, run_in_process,
+from conftest import (read_scalars, run_in_process, signal_script_at,
                       write_image_folder)
 
 SMOKE = ["--flagfile=configs/smoke.flags"]  # 512 examples, batch 32, 3 epochs.
@@ -141,20 +139,8 @@ def test_more_epochs_train_exactly_the_added_steps_and_are_recorded(tmp_path):
 def test_ctrl_c_saves_exits_130_without_a_traceback_and_resumes(tmp_path):
   model_dir = str(tmp_path / "interrupted")
   args = [*SMOKE, "--epochs=20", "--noexport", f"--model_dir={model_dir}"]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.Popen(
-      [sys.executable, "-u", os.path.join(SCRIPTS, "train_loop.py"), *args],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True)
-  try:
-    for line in proc.stdout:
-      if line.startswith("train step 24/"):
-        proc.send_signal(signal.SIGINT)
-        break
-    out, err = proc.communicate(timeout=120)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
+  proc = signal_script_at("train step 24/", args, signal.SIGINT, timeout=120)
+  out, err = proc.stdout, proc.stderr
   assert proc.returncode == 130, out + err
   assert "Traceback" not in err and "KeyboardInterrupt" not in err
   last = out.strip().splitlines()[-1]

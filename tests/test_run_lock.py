@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, SCRIPTS, run_in_process
+from conftest import REPO, SCRIPTS, run_in_process, signal_script_at
 from research.errors import UserError
 from research.run_lock import LOCK_FILE
 from research.run_lock import RunLock
@@ -113,20 +113,7 @@ def test_a_second_trainer_on_a_running_run_exits_2_and_the_first_finishes(
 def test_a_killed_holder_never_blocks_the_resume(tmp_path):
   model_dir = str(tmp_path / "run")
   args = [*SMOKE, "--epochs=20", f"--model_dir={model_dir}"]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.Popen(
-      [sys.executable, "-u", os.path.join(SCRIPTS, "train_loop.py"), *args],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-      text=True)
-  try:
-    for line in proc.stdout:
-      if line.startswith("train step 24/"):
-        proc.send_signal(signal.SIGKILL)
-        break
-    proc.wait(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
+  proc = signal_script_at("train step 24/", args, signal.SIGKILL, timeout=60)
   assert proc.returncode == -signal.SIGKILL
   with open(os.path.join(model_dir, LOCK_FILE)) as f:
     assert f"pid {proc.pid}" in f.read()  # Left behind, but not held.

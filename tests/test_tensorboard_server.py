@@ -13,7 +13,6 @@ import urllib.request
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from conftest import read_scalars, train_in_process
 from research import data as data_lib
