@@ -44,6 +44,8 @@ class DataConfig:
     synthetic_test_size: ``synthetic``: test examples.
     resize_images: ``folder``: ``(height, width)`` to resize every image to.
     augment: Random crop (4-pixel padding) and horizontal flip in training.
+    max_image_pixels: ``folder``: refuse an image whose header claims more
+      pixels (height x width), before decoding it (a decompression bomb).
   """
   dataset: str = "cifar10"
   data_dir: str | None = None
@@ -51,9 +53,12 @@ class DataConfig:
   synthetic_test_size: int = 256
   resize_images: tuple[int, int] | None = None
   augment: bool = False
+  # data.DEFAULT_MAX_IMAGE_PIXELS (this module imports no TensorFlow).
+  max_image_pixels: int = 4096 * 4096
 
   def __post_init__(self):
-    _at_least(self, 1, "synthetic_train_size", "synthetic_test_size")
+    _at_least(self, 1, "synthetic_train_size", "synthetic_test_size",
+              "max_image_pixels")
 
 
 @dataclasses.dataclass(frozen=True)

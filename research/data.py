@@ -6,6 +6,12 @@ as uint8, so decoding once and keeping the arrays is the cache; every epoch
 after that only gathers and converts. Adding a source is one function and one
 ``register_dataset`` line.
 
+The readers of user files never crash on a bad one: a missing, unreadable,
+empty, truncated or damaged file anywhere in a dataset ends in one
+``UserError`` line naming it, and an image whose header claims more than
+``max_image_pixels`` is refused before it is decoded (BUILD.md, "Hostile
+inputs").
+
 The pipeline works on *indices*. Each epoch's order is a stateless shuffle of
 ``range(n)`` keyed by ``(seed, epoch)``, and augmentation draws are keyed by
 ``(seed, global_step)``. So the batch at any global step is a pure function of
@@ -23,8 +29,12 @@ replica per step, in round-robin order, as
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import pickle
+import re
+import stat
+import struct
 import zipfile
 from typing import Callable
 
@@ -106,6 +116,171 @@ def load(config: DataConfig, *, seed: int = 0) -> ArrayData:
   return DATASETS.get(config.dataset)(config, seed=seed)
 
 
+# --------------------------------------------------------------------------
+# Reading user files.
+#
+# Every reader below turns anything wrong with a file (missing, a folder, a
+# pipe, unreadable, empty, truncated, random bytes, crafted) into one
+# ``UserError`` line that names the file, wherever the file sits. Files are
+# opened and read by Python, so the error always belongs to one known path;
+# TensorFlow decodes only bytes already in memory.
+
+
+def display_path(path) -> str:
+  """``path`` as printable text on one line, for messages.
+
+  Bytes that are not UTF-8 (a name written by another system) show as
+  ``\\xNN`` and control characters as escapes, so printing never raises and
+  a message stays one line.
+
+  Args:
+    path: A ``str`` (possibly holding surrogate escapes, as ``os.listdir``
+      and ``sys.argv`` return undecodable names), ``bytes`` or path-like.
+
+  Returns:
+    The printable text.
+  """
+  text = os.fsencode(path).decode("utf-8", "backslashreplace")
+  return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def describe_error(error: BaseException) -> str:
+  """The first line of an exception's message, without TensorFlow's
+  ``{{function_node ...}}`` prefix, for a one-line message."""
+  text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", str(error)).strip()
+  line = text.splitlines()[0].strip() if text else type(error).__name__
+  line = re.sub(r"\s*\[Op:\w+\].*$", "", line)  # Which op: not the user's.
+  return display_path(line[:300])
+
+
+def require_utf8_path(path, what: str) -> None:
+  """Refuses a path TensorFlow's file system cannot open.
+
+  TensorFlow's readers (checkpoints, SavedModels) take paths as UTF-8
+  strings and fail on a name that is not UTF-8.
+
+  Raises:
+    UserError: naming the path, if it is not valid UTF-8.
+  """
+  try:
+    os.fsencode(path).decode("utf-8")
+  except UnicodeDecodeError:
+    raise UserError(f"{what} {display_path(path)} has a name that is not "
+                    f"valid UTF-8 (shown as \\xNN), which TensorFlow cannot "
+                    f"open; rename it") from None
+
+
+def _open_regular_file(path, what: str, fix: str) -> int:
+  """Opens ``path`` for reading; it must be a regular file.
+
+  Returns:
+    The open file descriptor (the caller closes it).
+
+  Raises:
+    UserError: naming the file, if it is missing, not a regular file or
+      cannot be opened.
+  """
+  shown = display_path(path)
+  try:
+    # O_NONBLOCK: opening a FIFO named like a data file must not wait for a
+    # writer forever; it is refused below as not a regular file.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK |
+                 getattr(os, "O_CLOEXEC", 0))
+  except FileNotFoundError:
+    raise UserError(f"{what} {shown} does not exist; {fix}") from None
+  except PermissionError:
+    raise UserError(f"cannot read {what} {shown}: permission denied; make "
+                    f"it readable, or {fix}") from None
+  except OSError as e:
+    raise UserError(f"cannot open {what} {shown} ({e.strerror or e}); "
+                    f"{fix}") from None
+  try:
+    mode = os.fstat(fd).st_mode
+  except OSError as e:
+    os.close(fd)
+    raise UserError(f"cannot read {what} {shown} ({e.strerror or e}); "
+                    f"{fix}") from None
+  if not stat.S_ISREG(mode):
+    os.close(fd)
+    kind = "a folder" if stat.S_ISDIR(mode) else "a pipe, socket or device"
+    raise UserError(f"{what} {shown} is {kind}, not a file; {fix}")
+  return fd
+
+
+def check_readable_file(path, *, what: str, fix: str,
+                        allow_empty: bool = False) -> None:
+  """Checks that ``path`` is a regular file this process can open.
+
+  For files another library reads (TensorFlow's checkpoint and SavedModel
+  readers), so that their failures name the file first.
+
+  Args:
+    path: The file.
+    what: What the file is, for messages.
+    fix: How to fix a bad file, the end of every message.
+    allow_empty: Accept an empty file.
+
+  Raises:
+    UserError: naming the file, if it is missing, not a regular file, cannot
+      be opened, or is empty (unless ``allow_empty``).
+  """
+  fd = _open_regular_file(path, what, fix)
+  try:
+    empty = os.fstat(fd).st_size == 0
+  finally:
+    os.close(fd)
+  if empty and not allow_empty:
+    raise UserError(f"{what} {display_path(path)} is empty; {fix}")
+
+
+def read_file_bytes(path, *, what: str, fix: str,
+                    max_bytes: int | None = None) -> bytes:
+  """Reads a whole regular file.
+
+  Args:
+    path: The file (``str``, ``bytes`` or path-like).
+    what: What the file is, for messages (``"image"``, ``"CIFAR-10 batch
+      file"``).
+    fix: How to fix a bad file, the end of every message.
+    max_bytes: Refuse a larger file without reading it (bounds memory).
+
+  Returns:
+    The file's bytes (never empty).
+
+  Raises:
+    UserError: naming the file, if it is missing, a folder, a pipe, unreadable,
+      empty or larger than ``max_bytes``.
+  """
+  shown = display_path(path)
+  fd = _open_regular_file(path, what, fix)
+  try:
+    size = os.fstat(fd).st_size
+    if max_bytes is not None and size > max_bytes:
+      raise UserError(f"{what} {shown} is {size} bytes, more than the "
+                      f"{max_bytes} bytes such a file can need; {fix}")
+    chunks, total = [], 0
+    while True:
+      # Read to the end rather than trusting st_size (a growing file),
+      # but never past the bound.
+      chunk = os.read(fd, 1 << 20 if max_bytes is None
+                      else min(1 << 20, max_bytes + 1 - total))
+      if not chunk:
+        break
+      chunks.append(chunk)
+      total += len(chunk)
+      if max_bytes is not None and total > max_bytes:
+        raise UserError(f"{what} {shown} is more than the {max_bytes} bytes "
+                        f"such a file can need; {fix}")
+    if not total:
+      raise UserError(f"{what} {shown} is empty; {fix}")
+    return b"".join(chunks)
+  except OSError as e:
+    raise UserError(f"cannot read {what} {shown} ({e.strerror or e}); "
+                    f"{fix}") from None
+  finally:
+    os.close(fd)
+
+
 class _BatchFileUnpickler(pickle.Unpickler):
   """Admits only what CIFAR-10 batch files hold: containers and numpy arrays.
 
@@ -130,38 +305,70 @@ class _BatchFileUnpickler(pickle.Unpickler):
         f"lists, bytes, str, ints and numpy arrays")
 
 
+# The official batch files are 31 MB each; refusing anything far larger
+# bounds what one file can make the reader hold.
+_MAX_BATCH_FILE_BYTES = 1 << 30
+_CIFAR_FIX = "re-download or re-extract cifar-10-python.tar.gz"
+
+
 def _read_batch_file(path: str) -> dict:
-  """Reads one CIFAR-10 pickle with the restricted unpickler; str keys."""
+  """Reads one CIFAR-10 pickle with the restricted unpickler; str keys.
+
+  Raises:
+    UserError: naming the file, if it is missing, unreadable, damaged,
+      unsafe or not a dict.
+  """
+  shown = display_path(path)
+  contents = read_file_bytes(path, what="CIFAR-10 batch file", fix=_CIFAR_FIX,
+                             max_bytes=_MAX_BATCH_FILE_BYTES)
   try:
-    with open(path, "rb") as f:
-      obj = _BatchFileUnpickler(f, encoding="bytes").load()
-  except FileNotFoundError:
-    raise UserError(f"CIFAR-10 batch file missing: {path}") from None
-  except (pickle.UnpicklingError, EOFError, ValueError, TypeError,
-          AttributeError, IndexError, MemoryError) as e:
-    raise UserError(f"CIFAR-10 batch file {path} is unreadable or unsafe "
-                    f"({e}); re-download or re-extract it") from None
+    # From memory: the unpickler can then never read (or allocate) more
+    # than the file holds, whatever lengths a damaged file claims.
+    obj = _BatchFileUnpickler(io.BytesIO(contents), encoding="bytes").load()
+  except Exception as e:  # pylint: disable=broad-except
+    # Unpickling arbitrary bytes fails in many ways (EOFError,
+    # UnpicklingError, ValueError, KeyError, RecursionError, ...); each
+    # means the same: this file is damaged or crafted.
+    raise UserError(f"CIFAR-10 batch file {shown} is unreadable or unsafe "
+                    f"({describe_error(e)}); {_CIFAR_FIX}") from None
   if not isinstance(obj, dict):
-    raise UserError(f"CIFAR-10 batch file {path} does not hold a dict")
-  return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    raise UserError(f"CIFAR-10 batch file {shown} does not hold a dict; "
+                    f"{_CIFAR_FIX}")
+  return {k.decode("utf-8", "replace") if isinstance(k, bytes) else k: v
+          for k, v in obj.items()}
 
 
 def _batch_arrays(path: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+  """The images (HWC uint8) and labels of one CIFAR-10 batch file.
+
+  Raises:
+    UserError: naming the file, if it is unreadable or malformed, or a label
+      is outside ``[0, num_classes)``.
+  """
+  shown = display_path(path)
   batch = _read_batch_file(path)
+  for key in ("data", "labels"):
+    if key not in batch:
+      raise UserError(f"CIFAR-10 batch file {shown} has no '{key}' entry; "
+                      f"{_CIFAR_FIX}")
   try:
-    data = np.asarray(batch["data"], dtype=np.uint8)
-    labels = np.asarray(batch["labels"], dtype=np.int64)
-  except KeyError as e:
-    raise UserError(f"CIFAR-10 batch file {path} has no {e} entry") from None
-  if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+    data = np.asarray(batch["data"])
+    labels = np.asarray(batch["labels"])
+  except (ValueError, TypeError, OverflowError) as e:
+    raise UserError(f"CIFAR-10 batch file {shown} is malformed "
+                    f"({describe_error(e)}); {_CIFAR_FIX}") from None
+  if (data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or
+      labels.ndim != 1 or labels.dtype.kind not in "iu" or
+      len(labels) != len(data)):
     raise UserError(
-        f"CIFAR-10 batch file {path} is malformed: data shape {data.shape}, "
-        f"{len(labels)} labels (want [n, 3072] and n labels)")
+        f"CIFAR-10 batch file {shown} is malformed: data {data.dtype} "
+        f"{list(data.shape)}, labels {labels.dtype} {list(labels.shape)} (want "
+        f"uint8 [n, 3072] and n integer labels); {_CIFAR_FIX}")
   bad = (labels < 0) | (labels >= num_classes)
   if bad.any():
     i = int(np.argmax(bad))
-    raise UserError(f"CIFAR-10 batch file {path}: label {labels[i]} of example "
-                    f"{i} is outside [0, {num_classes})")
+    raise UserError(f"CIFAR-10 batch file {shown}: label {labels[i]} of "
+                    f"example {i} is outside [0, {num_classes})")
   # Rows are channel-major (1024 R, 1024 G, 1024 B); make them HWC.
   images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
   return np.ascontiguousarray(images), labels.astype(np.int32)
@@ -170,12 +377,33 @@ def _batch_arrays(path: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
 def _find_cifar10_python_dir(data_dir: str) -> str:
   candidates = [data_dir, os.path.join(data_dir, "cifar-10-batches-py")]
   for d in candidates:
-    if os.path.isfile(os.path.join(d, "data_batch_1")):
+    # lexists, not isfile: a data_batch_1 that is a folder or a dangling
+    # link is the place to look, and its reader says what is wrong with it.
+    if os.path.lexists(os.path.join(d, "data_batch_1")):
       return d
   raise UserError(
-      f"no CIFAR-10 python batches in {data_dir} (looked for data_batch_1 in "
-      f"{' and '.join(candidates)}); pass --data_dir=<folder holding "
-      f"cifar-10-batches-py>")
+      f"no CIFAR-10 python batches in {display_path(data_dir)} (looked for "
+      f"data_batch_1 in {' and '.join(display_path(c) for c in candidates)}); "
+      f"pass --data_dir=<folder holding cifar-10-batches-py>")
+
+
+def _class_names_of(meta: str) -> tuple[str, ...]:
+  """The label names ``batches.meta`` lists (str, in label order)."""
+  shown = display_path(meta)
+  names = _read_batch_file(meta).get("label_names", ())
+  if (not isinstance(names, (list, tuple)) or
+      not all(isinstance(n, (bytes, str)) for n in names)):
+    raise UserError(f"{shown} has no list of label_names; {_CIFAR_FIX}")
+  try:
+    names = tuple(n.decode("utf-8") if isinstance(n, bytes) else n
+                  for n in names)
+  except UnicodeDecodeError:
+    raise UserError(f"{shown} holds a label name that is not UTF-8; "
+                    f"{_CIFAR_FIX}") from None
+  if len(names) < 2:
+    raise UserError(f"{shown} lists {len(names)} class names; need at "
+                    f"least 2")
+  return names
 
 
 def load_cifar10_python(data_dir: str) -> ArrayData:
@@ -188,21 +416,15 @@ def load_cifar10_python(data_dir: str) -> ArrayData:
     The dataset.
 
   Raises:
-    UserError: if files are missing, malformed, unsafe or labels are out of
-      range.
+    UserError: naming the file, if a file is missing, unreadable, damaged,
+      malformed or unsafe, or labels are out of range.
   """
   if os.path.isfile(data_dir):
-    raise UserError(f"--data_dir={data_dir} is a file; pass the folder that "
-                    f"holds cifar-10-batches-py")
+    raise UserError(f"--data_dir={display_path(data_dir)} is a file; pass "
+                    f"the folder that holds cifar-10-batches-py")
   root = _find_cifar10_python_dir(data_dir)
   meta = os.path.join(root, "batches.meta")
-  if os.path.exists(meta):
-    names = tuple(n.decode() if isinstance(n, bytes) else str(n)
-                  for n in _read_batch_file(meta).get("label_names", ()))
-  else:
-    names = CIFAR10_CLASSES
-  if len(names) < 2:
-    raise UserError(f"{meta} lists {len(names)} class names; need at least 2")
+  names = _class_names_of(meta) if os.path.lexists(meta) else CIFAR10_CLASSES
   parts = [_batch_arrays(os.path.join(root, f"data_batch_{i}"), len(names))
            for i in range(1, 6)]
   test_images, test_labels = _batch_arrays(
@@ -243,22 +465,43 @@ def load_cifar10(data_dir: str | None = None) -> ArrayData:
                    y_test.reshape(-1).astype(np.int32), CIFAR10_CLASSES)
 
 
+def _list_dir(path: str) -> list[str]:
+  try:
+    return os.listdir(path)
+  except OSError as e:
+    raise UserError(f"cannot list {display_path(path)} ({e.strerror or e}); "
+                    f"check that it is a readable folder") from None
+
+
 def _list_split(root: str, split: str) -> tuple[list[str], dict[str, list[str]]]:
+  """The sorted class folders of ``root/split`` and their image files.
+
+  Raises:
+    UserError: for a missing or unreadable split, no class folders, a class
+      folder without images or whose name is not UTF-8.
+  """
   split_dir = os.path.join(root, split)
   if not os.path.isdir(split_dir):
-    raise UserError(f"image folder {root} has no {split}/ subfolder; expected "
-                    f"{split}/<class>/<image>.jpg")
-  classes = sorted(d for d in os.listdir(split_dir)
+    raise UserError(f"image folder {display_path(root)} has no {split}/ "
+                    f"subfolder; expected {split}/<class>/<image>.jpg")
+  classes = sorted(d for d in _list_dir(split_dir)
                    if os.path.isdir(os.path.join(split_dir, d)))
   if not classes:
-    raise UserError(f"{split_dir} has no class subfolders")
+    raise UserError(f"{display_path(split_dir)} has no class subfolders")
   files = {}
   for c in classes:
     cdir = os.path.join(split_dir, c)
-    files[c] = sorted(os.path.join(cdir, f) for f in os.listdir(cdir)
+    try:
+      c.encode("utf-8")
+    except UnicodeEncodeError:
+      # Class names are written into the export as text.
+      raise UserError(f"class folder {display_path(cdir)}: its name is not "
+                      f"valid UTF-8; rename it") from None
+    files[c] = sorted(os.path.join(cdir, f) for f in _list_dir(cdir)
                       if f.lower().endswith(_IMAGE_SUFFIXES))
     if not files[c]:
-      raise UserError(f"class folder {cdir} holds no .jpg/.jpeg/.png images")
+      raise UserError(f"class folder {display_path(cdir)} holds no "
+                      f".jpg/.jpeg/.png images")
   return classes, files
 
 
@@ -274,21 +517,165 @@ def resize_uint8(image, size: tuple[int, int], *, antialias: bool = False):
   return tf.cast(tf.round(tf.clip_by_value(resized, 0, 255)), tf.uint8)
 
 
-def _decode_images(paths: list[str], resize_to: tuple[int, int] | None
-                   ) -> np.ndarray:
-  """Decodes image files in parallel into one uint8 array ``[n, H, W, 3]``.
+# An image may claim at most this many pixels (height x width) in its header.
+# Decoding allocates height x width x channels bytes before it reads any
+# pixel data, so a file of a few kilobytes whose header claims 30000x30000
+# (a decompression bomb) would take 2.7 GB. 4096x4096 (48 MB as RGB) is far
+# above any training image; raise it with load_image_folder's
+# max_image_pixels (the folder source reads DataConfig.max_image_pixels).
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 
-  Without ``resize_to`` every image must have the first image's size.
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# image_header's reason for bytes that start like no image format it knows.
+NOT_AN_IMAGE = "not a JPEG, PNG, GIF or BMP file"
+# JPEG start-of-frame markers (they hold the size): C0-CF except DHT (C4),
+# JPG (C8) and DAC (CC).
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Markers without a length field: TEM and RST0-RST7 (SOI/EOI handled apart).
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+def _jpeg_size(contents: bytes) -> tuple[int, int]:
+  """(height, width) from a JPEG's frame header, walking the marker segments
+  as libjpeg does; nothing is decoded."""
+  i, n = 2, len(contents)
+  while i < n:
+    if contents[i] != 0xFF:
+      # libjpeg skips stray bytes before a marker (with a warning).
+      i = contents.find(b"\xff", i)
+      if i < 0:
+        break
+      continue
+    while i < n and contents[i] == 0xFF:  # Fill bytes.
+      i += 1
+    if i >= n:
+      break
+    marker = contents[i]
+    i += 1
+    if marker == 0x00 or marker in _JPEG_STANDALONE:
+      continue  # 0xFF00 is a stuffed byte, not a marker.
+    if marker in (0xD9, 0xDA):
+      break  # End of image, or scan data, before any frame header.
+    if i + 2 > n:
+      break
+    length = int.from_bytes(contents[i:i + 2], "big")
+    if marker in _JPEG_SOF:
+      if length < 8 or i + 7 > n:
+        break
+      return (int.from_bytes(contents[i + 3:i + 5], "big"),
+              int.from_bytes(contents[i + 5:i + 7], "big"))
+    if length < 2:
+      break
+    i += length
+  raise ValueError("no JPEG frame header (truncated or damaged)")
+
+
+def image_header(contents: bytes) -> tuple[str, int, int]:
+  """The format and size an encoded image's header claims, without decoding.
+
+  Args:
+    contents: The file's bytes (at least its header).
+
+  Returns:
+    ``(format, height, width)``, format one of ``jpeg``, ``png``, ``gif``,
+    ``bmp``.
+
+  Raises:
+    ValueError: if the bytes are none of those formats or the header is
+      damaged; the message says which.
   """
-  first = tf.io.decode_image(tf.io.read_file(paths[0]), channels=3,
-                             expand_animations=False)
-  target = tuple(resize_to) if resize_to else tuple(first.shape[:2])
+  if contents.startswith(_PNG_SIGNATURE):
+    # The IHDR chunk comes first: length, "IHDR", width, height (big-endian).
+    if len(contents) < 24 or contents[12:16] != b"IHDR":
+      raise ValueError("PNG without an IHDR header (truncated or damaged)")
+    width, height = struct.unpack(">II", contents[16:24])
+    return "png", height, width
+  if contents.startswith(b"\xff\xd8\xff"):
+    return ("jpeg", *_jpeg_size(contents))
+  if contents[:6] in (b"GIF87a", b"GIF89a"):
+    if len(contents) < 10:
+      raise ValueError("GIF without a screen descriptor (truncated)")
+    width, height = struct.unpack("<HH", contents[6:10])
+    return "gif", height, width
+  if contents.startswith(b"BM"):
+    if len(contents) < 26:
+      raise ValueError("BMP without an info header (truncated)")
+    width, height = struct.unpack("<ii", contents[18:26])
+    return "bmp", abs(height), abs(width)  # Negative height: top-down rows.
+  raise ValueError(NOT_AN_IMAGE)
 
-  def decode(path):
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3,
-                               expand_animations=False)
+
+def check_image_size(shown: str, height: int, width: int,
+                     max_image_pixels: int) -> None:
+  """Refuses a header size that is empty or over the pixel limit.
+
+  Args:
+    shown: The image's path, as ``display_path`` prints it.
+    height: Height the header claims.
+    width: Width the header claims.
+    max_image_pixels: The most pixels (height x width) allowed.
+
+  Raises:
+    UserError: naming the image and the size it claims.
+  """
+  if height < 1 or width < 1:
+    raise UserError(f"image {shown} claims {height}x{width} pixels; it is "
+                    f"damaged: remove or replace it")
+  if height * width > max_image_pixels:
+    raise UserError(
+        f"image {shown} claims {height}x{width} pixels (height x width), more "
+        f"than the limit of {max_image_pixels} pixels; decoding it would take "
+        f"{height * width * 3 / 2**30:.1f} GiB (a decompression bomb?): "
+        f"remove it, or raise the limit (max_image_pixels, "
+        f"--max_image_pixels) if it is genuine")
+
+
+def max_image_file_bytes(max_image_pixels: int) -> int:
+  """The largest encoded file an image within the pixel limit can need: 8
+  bytes a pixel (uncompressed 16-bit RGBA) plus 16 MiB of metadata."""
+  return 8 * max_image_pixels + (16 << 20)
+
+
+_FOLDER_FORMATS = ("jpeg", "png")
+_IMAGE_FIX = "remove or replace it"
+# Encoded bytes held at once while decoding a split (bounds memory, not
+# the result: the decoded arrays are the dataset).
+_DECODE_CHUNK_BYTES = 64 << 20
+_DECODE_CHUNK_FILES = 16384
+
+
+def _read_image(path: str, max_image_pixels: int
+                ) -> tuple[bytes, tuple[int, int]]:
+  """Reads one image file and checks its header: (bytes, (height, width)).
+
+  Raises:
+    UserError: naming the file, if it cannot be read, is not a JPEG or PNG,
+      has a damaged header or claims more than ``max_image_pixels``.
+  """
+  shown = display_path(path)
+  contents = read_file_bytes(path, what="image", fix=_IMAGE_FIX,
+                             max_bytes=max_image_file_bytes(max_image_pixels))
+  try:
+    kind, height, width = image_header(contents)
+  except ValueError as e:
+    detail = "" if str(e) == NOT_AN_IMAGE else f" ({e})"
+    raise UserError(f"cannot decode image {shown}: not a valid JPEG/PNG"
+                    f"{detail}; {_IMAGE_FIX}") from None
+  if kind not in _FOLDER_FORMATS:
+    raise UserError(f"image {shown} is a {kind.upper()} file; image folders "
+                    f"take JPEG or PNG: convert it to PNG")
+  check_image_size(shown, height, width, max_image_pixels)
+  return contents, (height, width)
+
+
+def _decode_chunk(paths: list[str], contents: list[bytes],
+                  target: tuple[int, int], resize: bool) -> np.ndarray:
+  """Decodes encoded images (already read and checked) in parallel."""
+
+  def decode(encoded):
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     size = tf.shape(image)[:2]
-    if resize_to:
+    if resize:
       return resize_uint8(image, target), size, True
     ok = tf.reduce_all(tf.equal(size, target))
     # A wrong-sized image is replaced by zeros so batching works; the flag
@@ -297,38 +684,77 @@ def _decode_images(paths: list[str], resize_to: tuple[int, int] | None
                     lambda: tf.zeros(target + (3,), tf.uint8))
     return image, size, ok
 
-  ds = (tf.data.Dataset.from_tensor_slices(paths)
+  ds = (tf.data.Dataset.from_tensor_slices(tf.constant(contents, tf.string))
         .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .batch(1024))
-  images, sizes, oks = [], [], []
+        .batch(len(contents)))
   try:
-    for image, size, ok in ds:
-      images.append(image.numpy())
-      sizes.append(size.numpy())
-      oks.append(ok.numpy())
-  except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
-          tf.errors.DataLossError):
-    # The fast path cannot say which file failed; find it one by one.
-    for p in paths:
+    images, sizes, oks = (t.numpy() for t in next(iter(ds)))
+  except tf.errors.OpError as e:
+    # The parallel decode cannot say which file failed; find it one by one.
+    for path, encoded in zip(paths, contents):
       try:
-        tf.io.decode_image(tf.io.read_file(p), channels=3,
-                           expand_animations=False)
-      except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
-              tf.errors.DataLossError):
-        raise UserError(f"cannot decode image {p}: not a valid JPEG/PNG; "
-                        f"remove or replace it") from None
-    raise
-  oks_all = np.concatenate(oks)
-  if not oks_all.all():
-    i = int(np.argmin(oks_all))
-    h, w = np.concatenate(sizes)[i]
+        tf.io.decode_image(encoded, channels=3, expand_animations=False)
+      except tf.errors.OpError as one:
+        raise UserError(f"cannot decode image {display_path(path)}: not a "
+                        f"valid JPEG/PNG ({describe_error(one)}); "
+                        f"{_IMAGE_FIX}") from None
+    raise UserError(f"decoding the images {display_path(paths[0])} ... "
+                    f"{display_path(paths[-1])} failed ({describe_error(e)})"
+                    ) from None
+  if not oks.all():
+    # The header said one size and the decoder made another.
+    i = int(np.argmin(oks))
     raise UserError(
-        f"image {paths[i]} is {h}x{w} but {paths[0]} is {target[0]}x"
-        f"{target[1]}; images must share one size (or pass --resize_images)")
-  return np.concatenate(images)
+        f"image {display_path(paths[i])} is {sizes[i][0]}x{sizes[i][1]} but "
+        f"its header says {target[0]}x{target[1]}; it is damaged: "
+        f"{_IMAGE_FIX}")
+  return images
 
 
-def load_image_folder(data_dir: str, *, resize_to: tuple[int, int] | None = None
+def _decode_images(paths: list[str], resize_to: tuple[int, int] | None,
+                   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+                   ) -> np.ndarray:
+  """Reads and decodes image files into one uint8 array ``[n, H, W, 3]``.
+
+  Each file is read and its header checked (format, size within
+  ``max_image_pixels``, the same size as the first image unless
+  ``resize_to``) before any of it is decoded; then the checked bytes are
+  decoded in parallel, a chunk at a time. Every file, the first one
+  included, goes through this one path, so an error always names its file.
+
+  Raises:
+    UserError: naming the file, for one that cannot be read or decoded,
+      claims too many pixels, or (without ``resize_to``) differs in size from
+      the first image.
+  """
+  target = tuple(resize_to) if resize_to else None
+  first = None
+  out = []
+  chunk_paths, chunk_contents, chunk_bytes = [], [], 0
+  for i, path in enumerate(paths):
+    contents, size = _read_image(path, max_image_pixels)
+    if first is None:
+      first = path
+      target = target or size
+    elif not resize_to and size != target:
+      raise UserError(
+          f"image {display_path(path)} is {size[0]}x{size[1]} but "
+          f"{display_path(first)} is {target[0]}x{target[1]}; images must "
+          f"share one size (or pass --resize_images)")
+    chunk_paths.append(path)
+    chunk_contents.append(contents)
+    chunk_bytes += len(contents)
+    if (chunk_bytes >= _DECODE_CHUNK_BYTES or i == len(paths) - 1 or
+        len(chunk_paths) == _DECODE_CHUNK_FILES):
+      out.append(_decode_chunk(chunk_paths, chunk_contents, target,
+                               bool(resize_to)))
+      chunk_paths, chunk_contents, chunk_bytes = [], [], 0
+  return np.concatenate(out)
+
+
+def load_image_folder(data_dir: str, *,
+                      resize_to: tuple[int, int] | None = None,
+                      max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
                       ) -> ArrayData:
   """Reads ``train/<class>/*`` and ``test/<class>/*`` images (JPEG or PNG).
 
@@ -338,34 +764,40 @@ def load_image_folder(data_dir: str, *, resize_to: tuple[int, int] | None = None
     data_dir: The folder holding ``train/`` and ``test/``.
     resize_to: ``(height, width)`` to resize every image to; None requires all
       images to share one size.
+    max_image_pixels: The most pixels (height x width) an image's header may
+      claim; a larger one is refused before it is decoded.
 
   Returns:
     The dataset.
 
   Raises:
-    UserError: for a missing folder, empty or mismatched class folders,
-      undecodable images, or images of mixed sizes without ``resize_to``.
+    UserError: naming the file or folder, for a missing folder, empty or
+      mismatched class folders, a file that cannot be read, is not a JPEG or
+      PNG or is damaged, an image over the pixel limit, or images of mixed
+      sizes without ``resize_to``.
   """
+  shown = display_path(data_dir)
   if os.path.isfile(data_dir):
     if zipfile.is_zipfile(data_dir):
-      raise UserError(f"--data_dir={data_dir} is a zip file; unpack it first "
-                      f"(python -m zipfile -e {data_dir} <folder>)")
-    raise UserError(f"--data_dir={data_dir} is a file, not a folder")
+      raise UserError(f"--data_dir={shown} is a zip file; unpack it first "
+                      f"(python -m zipfile -e {shown} <folder>)")
+    raise UserError(f"--data_dir={shown} is a file, not a folder")
   if not os.path.isdir(data_dir):
-    raise UserError(f"--data_dir={data_dir} does not exist")
+    raise UserError(f"--data_dir={shown} does not exist")
   classes, train_files = _list_split(data_dir, "train")
   test_classes, test_files = _list_split(data_dir, "test")
   if test_classes != classes:
-    raise UserError(f"{data_dir}: train/ and test/ have different class "
+    raise UserError(f"{shown}: train/ and test/ have different class "
                     f"folders ({classes} vs {test_classes})")
   arrays = {}
   for split, files in (("train", train_files), ("test", test_files)):
     paths = [p for c in classes for p in files[c]]
     labels = np.concatenate([np.full(len(files[c]), i, np.int32)
                              for i, c in enumerate(classes)])
-    arrays[split] = (_decode_images(paths, resize_to), labels)
+    arrays[split] = (_decode_images(paths, resize_to, max_image_pixels),
+                     labels)
   if arrays["train"][0].shape[1:] != arrays["test"][0].shape[1:]:
-    raise UserError(f"{data_dir}: train images are "
+    raise UserError(f"{shown}: train images are "
                     f"{arrays['train'][0].shape[1:3]} but test images are "
                     f"{arrays['test'][0].shape[1:3]} (pass --resize_images)")
   return ArrayData(*arrays["train"], *arrays["test"], tuple(classes))
@@ -406,7 +838,11 @@ def _load_folder(config: DataConfig, *, seed: int) -> ArrayData:
   if not config.data_dir:
     raise UserError("--dataset=folder needs --data_dir=<folder with train/ "
                     "and test/ class subfolders>")
-  return load_image_folder(config.data_dir, resize_to=config.resize_images)
+  # getattr: DataConfig gains max_image_pixels with its --max_image_pixels
+  # flag; until then (and for configs without it) the default applies.
+  return load_image_folder(
+      config.data_dir, resize_to=config.resize_images,
+      max_image_pixels=config.max_image_pixels)
 
 
 register_dataset("cifar10",

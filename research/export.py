@@ -26,7 +26,9 @@ graph reads, which they leave unset (BUILD.md, "Serving the export").
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -159,15 +161,170 @@ def model_config_of(spec: dict) -> ModelConfig:
   """The model a ``model.json`` describes (also one written before models
   were registered, which held the ConvNet's ``l2`` alone).
 
+  Args:
+    spec: The parsed ``model.json``.
+
+  Returns:
+    The model's configuration.
+
   Raises:
     UserError: if the recorded model configuration is not valid.
   """
-  if "model" not in spec:
-    return ModelConfig(name="convnet", l2=spec.get("l2", 0.0))
+  if not isinstance(spec, dict):
+    raise UserError(f"{MODEL_SPEC_FILE} holds no JSON object; re-create it "
+                    f"(scripts/train_loop.py writes it)")
+  fields = spec.get("model", {"name": "convnet", "l2": spec.get("l2", 0.0)})
+  if not isinstance(fields, dict):
+    raise UserError(f"{MODEL_SPEC_FILE} holds no valid model ('model' is not "
+                    f"an object)")
+  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+  for name, value in fields.items():
+    default = defaults.get(name)
+    # A crafted or damaged file must fail here, not deep inside the model
+    # code: each value must have its field's type (ints count as floats).
+    if isinstance(default, (str, int, float)) and not (
+        type(value) is type(default) or
+        (isinstance(default, float) and type(value) is int)):
+      raise UserError(f"{MODEL_SPEC_FILE} holds no valid model (model.{name} "
+                      f"is {value!r}, not a {type(default).__name__})")
   try:
-    return ModelConfig(**spec["model"])
+    return ModelConfig(**fields)
   except (TypeError, ValueError) as e:
     raise UserError(f"{MODEL_SPEC_FILE} holds no valid model ({e})") from None
+
+
+def _checkpoint_number(prefix: str) -> int:
+  tail = prefix.rsplit("-", 1)[-1]
+  return int(tail) if tail.isdigit() else -1
+
+
+def _checkpoints_in(directory: str) -> list[str]:
+  """The checkpoint prefixes (``ckpt-N``) in ``directory``, oldest first."""
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return []
+  prefixes = [os.path.join(directory, n[:-len(".index")]) for n in names
+              if n.endswith(".index")]
+  return sorted(prefixes, key=lambda p: (_checkpoint_number(p), p))
+
+
+def _found(directory: str) -> str:
+  """``" (found: ckpt-4, ckpt-8)"``, for messages that ask for a prefix."""
+  names = [data_lib.display_path(os.path.basename(p))
+           for p in _checkpoints_in(directory)]
+  return f" (found: {', '.join(names)})" if names else ""
+
+
+def _latest_checkpoint(model_dir: str) -> str:
+  """The checkpoint the run's ``checkpoints/checkpoint`` state file names.
+
+  Raises:
+    UserError: naming the state file, if it is missing, unreadable, damaged
+      or names a checkpoint that does not exist.
+  """
+  directory = os.path.join(model_dir, "checkpoints")
+  state = os.path.join(directory, "checkpoint")
+  shown = data_lib.display_path(state)
+  fix = (f"pass --checkpoint={data_lib.display_path(directory)}/ckpt-N"
+         f"{_found(directory)}")
+  if not os.path.lexists(state):
+    raise UserError(f"no checkpoint under {data_lib.display_path(directory)} "
+                    f"(no state file {shown}); train first or {fix}")
+  data_lib.require_utf8_path(state, "checkpoint state file")
+  # Read here first: a missing, unreadable or non-file state file is named
+  # (TensorFlow's reader would only log it and return nothing).
+  data_lib.check_readable_file(state, what="checkpoint state file", fix=fix)
+  # get_checkpoint_state logs a warning and returns None for a file it
+  # cannot parse; the error below says it in one line instead.
+  tf_logger = logging.getLogger("tensorflow")
+  level = tf_logger.level
+  tf_logger.setLevel(logging.ERROR)
+  try:
+    parsed = tf.train.get_checkpoint_state(directory)
+  except Exception as e:  # pylint: disable=broad-except
+    # ValueError (no path in it), UnicodeDecodeError (random bytes),
+    # OpError: all mean a damaged state file.
+    raise UserError(f"checkpoint state file {shown} is damaged "
+                    f"({data_lib.describe_error(e)}); {fix}") from None
+  finally:
+    tf_logger.setLevel(level)
+  if parsed is None or not parsed.model_checkpoint_path:
+    raise UserError(f"checkpoint state file {shown} is damaged (it names no "
+                    f"checkpoint); {fix}")
+  path = parsed.model_checkpoint_path
+  if not os.path.lexists(path + ".index"):
+    name = data_lib.display_path(os.path.basename(path))
+    raise UserError(f"checkpoint state file {shown} names {name}, but "
+                    f"{name}.index does not exist; {fix}")
+  return path
+
+
+def check_checkpoint(prefix: str, *, what: str = "checkpoint",
+                     fix: str = "pass another --checkpoint") -> None:
+  """Reads a whole checkpoint (index and every tensor), naming a bad file.
+
+  TensorFlow's restore reports a damaged file without saying which of the
+  checkpoint's files it is, sometimes as a bare ``IndexError``; reading each
+  file here first names it.
+
+  Args:
+    prefix: The checkpoint's path prefix (``.../ckpt-8``,
+      ``<export>/variables/variables``).
+    what: What the checkpoint is, for messages.
+    fix: How to fix a bad checkpoint, the end of every message.
+
+  Raises:
+    UserError: naming the file, if the index or a data file is missing, not
+      a file, unreadable or damaged, or the path is not valid UTF-8.
+  """
+  shown = data_lib.display_path(prefix)
+  data_lib.require_utf8_path(prefix, what)
+  index = prefix + ".index"
+  if not os.path.lexists(index):
+    raise UserError(f"{what} {shown} does not exist (no "
+                    f"{data_lib.display_path(os.path.basename(index))}); "
+                    f"{fix}")
+  data_lib.check_readable_file(index, what=f"{what} index", fix=fix)
+  try:
+    reader = tf.train.load_checkpoint(prefix)
+    keys = reader.get_variable_to_shape_map()
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"{what} index {data_lib.display_path(index)} is damaged "
+                    f"({data_lib.describe_error(e)}); {fix}") from None
+  shards = sorted(glob.glob(glob.escape(prefix) + ".data-*-of-*"))
+  if not shards:
+    raise UserError(f"{what} data file {shown}.data-00000-of-00001 does not "
+                    f"exist; {fix}")
+  for shard in shards:
+    # A shard may be empty (no tensor of this checkpoint landed in it).
+    data_lib.check_readable_file(shard, what=f"{what} data file", fix=fix,
+                                 allow_empty=True)
+  try:
+    for key in keys:
+      reader.get_tensor(key)
+  except Exception as e:  # pylint: disable=broad-except
+    # IndexError (a truncated file), DataLossError (a checksum): the data.
+    names = ", ".join(data_lib.display_path(s) for s in shards)
+    raise UserError(f"{what} data file {names} is damaged "
+                    f"({data_lib.describe_error(e)}); {fix}") from None
+
+
+def _spec_fields(spec, spec_path: str) -> tuple[list[str], tuple[int, ...]]:
+  """``model.json``'s class names and image shape, checked."""
+  shown = data_lib.display_path(spec_path)
+  names = spec.get("class_names") if isinstance(spec, dict) else None
+  shape = spec.get("image_shape") if isinstance(spec, dict) else None
+  if (not isinstance(names, list) or not names or
+      not all(isinstance(n, str) for n in names)):
+    raise UserError(f"{shown} holds no list of class_names; re-create it "
+                    f"(scripts/train_loop.py writes it)")
+  if (not isinstance(shape, list) or len(shape) != 3 or
+      not all(type(d) is int and d > 0 for d in shape)):
+    raise UserError(f"{shown}: image_shape is {shape!r}, not [height, width, "
+                    f"channels]; re-create it (scripts/train_loop.py writes "
+                    f"it)")
+  return names, tuple(shape)
 
 
 def load_model_from_run(model_dir: str, checkpoint: str | None = None
@@ -177,37 +334,53 @@ def load_model_from_run(model_dir: str, checkpoint: str | None = None
   Args:
     model_dir: A training run's directory (with ``model.json`` and
       ``checkpoints/``).
-    checkpoint: A checkpoint path prefix; default: the run's latest.
+    checkpoint: A checkpoint path prefix; default: the one the run's
+      ``checkpoints/checkpoint`` state file names (its latest).
 
   Returns:
     ``(model, spec, checkpoint_path)``.
 
   Raises:
-    UserError: if the run has no ``model.json`` or no checkpoint, or the
+    UserError: naming the file, if ``model.json``, the state file or a file
+      of the checkpoint is missing, unreadable, damaged or not valid, or the
       checkpoint does not fit the model.
   """
   spec_path = os.path.join(model_dir, MODEL_SPEC_FILE)
+  shown = data_lib.display_path(spec_path)
+  fix = "re-create it (scripts/train_loop.py writes it)"
+  if not os.path.lexists(spec_path):
+    raise UserError(f"{shown} not found: --model_dir must be a training "
+                    f"run's directory")
+  raw = data_lib.read_file_bytes(spec_path, what="model spec", fix=fix,
+                                 max_bytes=16 << 20)
   try:
-    with open(spec_path) as f:
-      spec = json.load(f)
-  except FileNotFoundError:
-    raise UserError(f"{spec_path} not found: --model_dir must be a training "
-                    f"run's directory") from None
-  except (OSError, ValueError) as e:
-    raise UserError(f"cannot read {spec_path} ({e})") from None
-  path = checkpoint or tf.train.latest_checkpoint(
-      os.path.join(model_dir, "checkpoints"))
-  if not path:
-    raise UserError(f"no checkpoint under {model_dir}/checkpoints; train "
-                    f"first or pass --checkpoint")
-  model = model_lib.create(model_config_of(spec),
-                           num_classes=len(spec["class_names"]),
-                           image_shape=tuple(spec["image_shape"]))
+    spec = json.loads(raw.decode("utf-8"))
+  except ValueError as e:  # UnicodeDecodeError and JSONDecodeError.
+    raise UserError(f"cannot read {shown} ({data_lib.describe_error(e)}); "
+                    f"{fix}") from None
+  class_names, image_shape = _spec_fields(spec, spec_path)
+  model_config = model_config_of(spec)
+  path = checkpoint or _latest_checkpoint(model_dir)
+  # A folder passed as --checkpoint: list the prefixes in it.
+  near = path if os.path.isdir(path) else os.path.dirname(path) or "."
+  check_checkpoint(path, fix="pass another --checkpoint=<model_dir>/"
+                   f"checkpoints/ckpt-N{_found(near)}")
+  try:
+    model = model_lib.create(model_config, num_classes=len(class_names),
+                             image_shape=image_shape)
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # An image_shape too small for the network, or too big for memory.
+    raise UserError(f"cannot build the model {shown} describes "
+                    f"({data_lib.describe_error(e)}); {fix}") from None
   try:
     tf.train.Checkpoint(model=model).restore(path).expect_partial(
         ).assert_existing_objects_matched()
-  except (tf.errors.OpError, ValueError, AssertionError) as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e)
-    raise UserError(f"cannot restore {path} into the model of "
-                    f"{spec_path}: {first}") from None
+  except Exception as e:  # pylint: disable=broad-except
+    # The files were read whole above; what fails here is the fit (a
+    # checkpoint of another model: ValueError, AssertionError, OpError).
+    raise UserError(f"cannot restore {data_lib.display_path(path)} into the "
+                    f"model of {shown}: {data_lib.describe_error(e)}"
+                    ) from None
   return model, spec, path

@@ -49,14 +49,21 @@ def main(argv):
                         f"only flags")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # absl's INFO is TF's noise.
+  from research import data as data_lib
   from research import export as export_lib
   try:
+    export_dir = FLAGS.export_dir or os.path.join(FLAGS.model_dir,
+                                                  export_lib.EXPORT_SUBDIR)
+    # Checked first: TensorFlow writes only UTF-8 paths, and would fail
+    # after the model was rebuilt.
+    data_lib.require_utf8_path(export_dir, "--export_dir")
+    # Every file read here (model.json, the state file, the checkpoint)
+    # ends, when damaged, in one line naming it.
     model, spec, path = export_lib.load_model_from_run(FLAGS.model_dir,
                                                        FLAGS.checkpoint)
     export_dir = export_lib.export_saved_model(
-        model, FLAGS.export_dir or os.path.join(FLAGS.model_dir,
-                                                export_lib.EXPORT_SUBDIR),
-        class_names=spec["class_names"], image_shape=spec["image_shape"],
+        model, export_dir, class_names=spec["class_names"],
+        image_shape=spec["image_shape"],
         model_config=export_lib.model_config_of(spec))
   except UserError as e:
     cli.exit_with_error(str(e), status=e.exit_status)

@@ -124,6 +124,11 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                       "folder: resize every image to HxW (e.g. 32x32); "
                       "without it, images of mixed sizes are refused.",
                       flag_values=fv)
+  flags.DEFINE_integer("max_image_pixels", 4096 * 4096,
+                       "folder: refuse an image whose header claims more "
+                       "pixels (height x width) than this, before decoding "
+                       "it (a decompression bomb).", lower_bound=1,
+                       flag_values=fv)
   flags.DEFINE_bool("deterministic", False,
                     "Seed everything and enable op determinism: two runs of "
                     "the same command give bitwise-identical weights.",
