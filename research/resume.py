@@ -23,6 +23,7 @@ from research.errors import UserError
 
 CONFIG_FILE = "config.json"
 DATA_FILE = "data.json"
+METRICS_FILE = "metrics.json"
 
 # Flat names (as the flags) whose change makes the run another experiment.
 REFUSED = (
@@ -31,8 +32,6 @@ REFUSED = (
     "keep_short_batch", "model", "l2", "mixed_precision", "optimizer",
     "weight_decay", "momentum", "nesterov", "lr_schedule", "warmup_steps",
     "lr_decay_rate", "lr_decay_steps", "label_smoothing", "clip_grad_norm")
-# Changes with a meaning on resume (see ``check``).
-ALLOWED = ("epochs", "learning_rate")
 
 
 def data_facts(data: data_lib.ArrayData) -> dict[str, Any]:
@@ -113,7 +112,7 @@ def check(config: config_lib.TrainConfig, data: data_lib.ArrayData
 def recorded_result(model_dir: str, step: int) -> dict | None:
   """The metrics of a run that finished at ``step``, or None if it has not
   (or its final results were never written)."""
-  metrics = _read_json(os.path.join(model_dir, "metrics.json"))
+  metrics = _read_json(os.path.join(model_dir, METRICS_FILE))
   if metrics is None or metrics.get("global_step") != step:
     return None
   return metrics

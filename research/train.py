@@ -38,8 +38,6 @@ from research.summaries import SummaryManager
 from research.training import StepTrainer
 from research.training import build_training
 
-METRICS_FILE = "metrics.json"
-
 
 def cadence_of(config: TrainConfig, data: data_lib.ArrayData) -> Cadence:
   """The run's length and rhythm in global steps.
@@ -128,7 +126,7 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
     recorded = resume.recorded_result(config.model_dir, state.step)
     if recorded is not None and state.step >= cadence.total_steps:
       log(f"the run already finished at step {state.step}; nothing to do "
-          f"(its results are in {METRICS_FILE})")
+          f"(its results are in {resume.METRICS_FILE})")
       return recorded
   if changes:
     log("changed since the last invocation: " + ", ".join(
@@ -173,7 +171,8 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
     metrics = _final_metrics(config, data, strategy, state, cadence, actions,
                              final, seconds=time.time() - start_time)
     if chief:
-      write_json(os.path.join(config.model_dir, METRICS_FILE), metrics)
+      write_json(os.path.join(config.model_dir, resume.METRICS_FILE),
+                 metrics)
   return metrics
 
 
