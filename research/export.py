@@ -25,17 +25,21 @@ graph reads, which they leave unset (BUILD.md, "Serving the export").
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import glob
 import json
 import logging
 import os
 import shutil
+import sys
 import uuid
 from typing import Sequence
 
 import tensorflow as tf
 
+from research import checkpoints as checkpoints_lib
 from research import data as data_lib
 from research import model as model_lib
 from research.config import ModelConfig
@@ -104,8 +108,9 @@ def export_saved_model(model: tf.keras.Model, export_dir: str, *,
                        model_config: ModelConfig = ModelConfig()) -> str:
   """Writes a serving SavedModel of ``model`` to ``export_dir``, atomically.
 
-  The new export is written next to ``export_dir`` and swapped in by
-  renames, so a failed export leaves the previous one intact. Its contents
+  The new export is written next to ``export_dir`` and swapped in whole
+  (``_publish``), so a failed or killed export leaves the previous one
+  intact. Its contents
   are described in this module's docstring.
 
   Args:
@@ -125,29 +130,108 @@ def export_saved_model(model: tf.keras.Model, export_dir: str, *,
   archive = _archive(
       _fresh_float32_copy(model, model_config, class_names, image_shape),
       class_names, image_shape)
-  parent = os.path.dirname(os.path.abspath(export_dir))
-  tmp = os.path.join(parent, f".export-tmp-{uuid.uuid4().hex}")
-  old = os.path.join(parent, f".export-old-{uuid.uuid4().hex}")
+  recover_interrupted_export(export_dir)
+  tmp = _sibling(export_dir, "tmp")
   try:
-    os.makedirs(parent, exist_ok=True)
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
     archive.write_out(tmp, verbose=False)
     names_file = os.path.join(tmp, CLASS_NAMES_FILE)
     os.makedirs(os.path.dirname(names_file), exist_ok=True)
     with open(names_file, "w", encoding="utf-8") as f:
       f.write("".join(f"{name}\n" for name in class_names))
-    if os.path.exists(export_dir):
-      os.rename(export_dir, old)
-    os.rename(tmp, export_dir)
+    _publish(tmp, export_dir)
   except (OSError, tf.errors.OpError) as e:
     shutil.rmtree(tmp, ignore_errors=True)
-    if os.path.exists(old) and not os.path.exists(export_dir):
-      os.rename(old, export_dir)
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise UserError(f"could not export the model to {export_dir} ({first}); "
                     f"check that the folder is writable and has space"
                     ) from None
-  shutil.rmtree(old, ignore_errors=True)
   return export_dir
+
+
+# Linux's renameat2 flag that swaps two paths in one step.
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Swaps two existing directories atomically (Linux ``renameat2`` with
+  ``RENAME_EXCHANGE``).
+
+  Returns:
+    False where the system or its filesystem cannot (then nothing moved).
+
+  Raises:
+    OSError: if the swap was possible but failed.
+  """
+  if not sys.platform.startswith("linux"):
+    return False
+  libc = ctypes.CDLL(None, use_errno=True)
+  renameat2 = getattr(libc, "renameat2", None)  # glibc >= 2.28.
+  if renameat2 is None:
+    return False
+  renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+                        ctypes.c_char_p, ctypes.c_uint]
+  if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
+               _RENAME_EXCHANGE) == 0:
+    return True
+  error = ctypes.get_errno()
+  if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+    return False  # An old kernel, or a filesystem without the flag.
+  raise OSError(error, os.strerror(error), a)
+
+
+def _sibling(export_dir: str, kind: str) -> str:
+  """A fresh name beside ``export_dir`` for its new (``tmp``) or replaced
+  (``old``) version: hidden, and specific to this export's name."""
+  parent, name = os.path.split(os.path.abspath(export_dir))
+  return os.path.join(parent, f".{name}.{kind}-{uuid.uuid4().hex}")
+
+
+def _siblings(export_dir: str, kind: str) -> list[str]:
+  parent, name = os.path.split(os.path.abspath(export_dir))
+  return sorted(glob.glob(os.path.join(glob.escape(parent),
+                                       f".{glob.escape(name)}.{kind}-*")))
+
+
+def _publish(tmp: str, export_dir: str) -> None:
+  """Makes the complete export in ``tmp`` the one at ``export_dir``.
+
+  A reader, or a crash at any instant, sees either the previous export whole
+  or the new one whole: on Linux the two are swapped in one step. Elsewhere
+  the previous one is first moved aside, and a crash between the two
+  renames leaves it there, under ``.<name>.old-*``, from where
+  ``recover_interrupted_export`` (the next export or run) puts it back.
+  """
+  if not os.path.lexists(export_dir):
+    os.rename(tmp, export_dir)
+  elif _exchange(tmp, export_dir):
+    shutil.rmtree(tmp, ignore_errors=True)  # Now the previous export.
+  else:
+    old = _sibling(export_dir, "old")
+    os.rename(export_dir, old)
+    try:
+      os.rename(tmp, export_dir)
+    except OSError:
+      os.rename(old, export_dir)
+      raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_interrupted_export(export_dir: str) -> None:
+  """Repairs what an export killed half-way left beside ``export_dir``.
+
+  Puts back the previous export if a kill came between the two renames of
+  ``_publish``'s fallback, and removes unfinished new versions. Only the one
+  writer of ``export_dir`` may call it (a training run holds its run lock).
+  """
+  old = _siblings(export_dir, "old")
+  if old and not os.path.lexists(export_dir):
+    os.rename(old[-1], export_dir)
+    logging.warning("put back the export %s that an interrupted export had "
+                    "moved aside", export_dir)
+  for leftover in _siblings(export_dir, "old") + _siblings(export_dir, "tmp"):
+    shutil.rmtree(leftover, ignore_errors=True)
 
 
 def model_spec(*, class_names: Sequence[str], image_shape: Sequence[int],
@@ -193,26 +277,10 @@ def model_config_of(spec: dict) -> ModelConfig:
     raise UserError(f"{MODEL_SPEC_FILE} holds no valid model ({e})") from None
 
 
-def _checkpoint_number(prefix: str) -> int:
-  tail = prefix.rsplit("-", 1)[-1]
-  return int(tail) if tail.isdigit() else -1
-
-
-def _checkpoints_in(directory: str) -> list[str]:
-  """The checkpoint prefixes (``ckpt-N``) in ``directory``, oldest first."""
-  try:
-    names = os.listdir(directory)
-  except OSError:
-    return []
-  prefixes = [os.path.join(directory, n[:-len(".index")]) for n in names
-              if n.endswith(".index")]
-  return sorted(prefixes, key=lambda p: (_checkpoint_number(p), p))
-
-
 def _found(directory: str) -> str:
   """``" (found: ckpt-4, ckpt-8)"``, for messages that ask for a prefix."""
   names = [data_lib.display_path(os.path.basename(p))
-           for p in _checkpoints_in(directory)]
+           for p in checkpoints_lib.checkpoints_in(directory)]
   return f" (found: {', '.join(names)})" if names else ""
 
 
@@ -224,90 +292,20 @@ def _latest_checkpoint(model_dir: str) -> str:
       or names a checkpoint that does not exist.
   """
   directory = os.path.join(model_dir, "checkpoints")
-  state = os.path.join(directory, "checkpoint")
-  shown = data_lib.display_path(state)
+  shown = data_lib.display_path(
+      os.path.join(directory, checkpoints_lib.STATE_FILE))
   fix = (f"pass --checkpoint={data_lib.display_path(directory)}/ckpt-N"
          f"{_found(directory)}")
-  if not os.path.lexists(state):
+  parsed = checkpoints_lib.read_state(directory, fix=fix)
+  if parsed is None:
     raise UserError(f"no checkpoint under {data_lib.display_path(directory)} "
                     f"(no state file {shown}); train first or {fix}")
-  data_lib.require_utf8_path(state, "checkpoint state file")
-  # Read here first: a missing, unreadable or non-file state file is named
-  # (TensorFlow's reader would only log it and return nothing).
-  data_lib.check_readable_file(state, what="checkpoint state file", fix=fix)
-  # get_checkpoint_state logs a warning and returns None for a file it
-  # cannot parse; the error below says it in one line instead.
-  tf_logger = logging.getLogger("tensorflow")
-  level = tf_logger.level
-  tf_logger.setLevel(logging.ERROR)
-  try:
-    parsed = tf.train.get_checkpoint_state(directory)
-  except Exception as e:  # pylint: disable=broad-except
-    # ValueError (no path in it), UnicodeDecodeError (random bytes),
-    # OpError: all mean a damaged state file.
-    raise UserError(f"checkpoint state file {shown} is damaged "
-                    f"({data_lib.describe_error(e)}); {fix}") from None
-  finally:
-    tf_logger.setLevel(level)
-  if parsed is None or not parsed.model_checkpoint_path:
-    raise UserError(f"checkpoint state file {shown} is damaged (it names no "
-                    f"checkpoint); {fix}")
   path = parsed.model_checkpoint_path
   if not os.path.lexists(path + ".index"):
     name = data_lib.display_path(os.path.basename(path))
     raise UserError(f"checkpoint state file {shown} names {name}, but "
                     f"{name}.index does not exist; {fix}")
   return path
-
-
-def check_checkpoint(prefix: str, *, what: str = "checkpoint",
-                     fix: str = "pass another --checkpoint") -> None:
-  """Reads a whole checkpoint (index and every tensor), naming a bad file.
-
-  TensorFlow's restore reports a damaged file without saying which of the
-  checkpoint's files it is, sometimes as a bare ``IndexError``; reading each
-  file here first names it.
-
-  Args:
-    prefix: The checkpoint's path prefix (``.../ckpt-8``,
-      ``<export>/variables/variables``).
-    what: What the checkpoint is, for messages.
-    fix: How to fix a bad checkpoint, the end of every message.
-
-  Raises:
-    UserError: naming the file, if the index or a data file is missing, not
-      a file, unreadable or damaged, or the path is not valid UTF-8.
-  """
-  shown = data_lib.display_path(prefix)
-  data_lib.require_utf8_path(prefix, what)
-  index = prefix + ".index"
-  if not os.path.lexists(index):
-    raise UserError(f"{what} {shown} does not exist (no "
-                    f"{data_lib.display_path(os.path.basename(index))}); "
-                    f"{fix}")
-  data_lib.check_readable_file(index, what=f"{what} index", fix=fix)
-  try:
-    reader = tf.train.load_checkpoint(prefix)
-    keys = reader.get_variable_to_shape_map()
-  except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f"{what} index {data_lib.display_path(index)} is damaged "
-                    f"({data_lib.describe_error(e)}); {fix}") from None
-  shards = sorted(glob.glob(glob.escape(prefix) + ".data-*-of-*"))
-  if not shards:
-    raise UserError(f"{what} data file {shown}.data-00000-of-00001 does not "
-                    f"exist; {fix}")
-  for shard in shards:
-    # A shard may be empty (no tensor of this checkpoint landed in it).
-    data_lib.check_readable_file(shard, what=f"{what} data file", fix=fix,
-                                 allow_empty=True)
-  try:
-    for key in keys:
-      reader.get_tensor(key)
-  except Exception as e:  # pylint: disable=broad-except
-    # IndexError (a truncated file), DataLossError (a checksum): the data.
-    names = ", ".join(data_lib.display_path(s) for s in shards)
-    raise UserError(f"{what} data file {names} is damaged "
-                    f"({data_lib.describe_error(e)}); {fix}") from None
 
 
 def _spec_fields(spec, spec_path: str) -> tuple[list[str], tuple[int, ...]]:
@@ -363,8 +361,9 @@ def load_model_from_run(model_dir: str, checkpoint: str | None = None
   path = checkpoint or _latest_checkpoint(model_dir)
   # A folder passed as --checkpoint: list the prefixes in it.
   near = path if os.path.isdir(path) else os.path.dirname(path) or "."
-  check_checkpoint(path, fix="pass another --checkpoint=<model_dir>/"
-                   f"checkpoints/ckpt-N{_found(near)}")
+  checkpoints_lib.check_checkpoint(
+      path, fix="pass another --checkpoint=<model_dir>/checkpoints/ckpt-N"
+      f"{_found(near)}")
   try:
     model = model_lib.create(model_config, num_classes=len(class_names),
                              image_shape=image_shape)

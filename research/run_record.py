@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import platform
 import shlex
 import socket
 import subprocess
 import sys
+import uuid
 from typing import Sequence
 
 from research.files import write_json
@@ -79,12 +81,25 @@ def collect(argv: Sequence[str]) -> dict:
 
 
 def append(model_dir: str, record: dict) -> None:
-  """Adds ``record`` to ``<model_dir>/run_record.json`` (atomically)."""
+  """Adds ``record`` to ``<model_dir>/run_record.json`` (atomically).
+
+  A record file that cannot be read as one (damaged by something else:
+  ours are replaced whole) is kept beside it, renamed, rather than
+  overwritten, and a warning names both.
+  """
   path = os.path.join(model_dir, RUN_RECORD_FILE)
-  try:
-    with open(path) as f:
-      records = json.load(f)["invocations"]
-  except (OSError, ValueError, KeyError, TypeError):
-    records = []
+  records = []
+  if os.path.lexists(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        records = json.load(f)["invocations"]
+      if not isinstance(records, list):
+        raise TypeError("invocations is not a list")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      kept = f"{path}.damaged-{uuid.uuid4().hex[:8]}"
+      os.rename(path, kept)
+      logging.warning("%s could not be read (%s); kept it as %s and started "
+                      "a new record", path, e, kept)
+      records = []
   records.append(record)
   write_json(path, {"invocations": records})

@@ -135,6 +135,8 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
     if chief:
       # One writer per run directory, from its first write to its last.
       held.enter_context(RunLock(config.model_dir))
+      export_lib.recover_interrupted_export(
+          os.path.join(config.model_dir, export_lib.EXPORT_SUBDIR))
       _write_run_files(config, data, run_files, run_record and {
           **run_record, "config_changes": changes})
     summaries = SummaryManager(model_dir=config.model_dir, enabled=chief)

@@ -125,13 +125,16 @@ def resolve_model_dir(fv: flags.FlagValues) -> str:
   """``--model_dir``, or ``logs/<run_name>``; created if missing.
 
   Raises:
-    UserError: if it cannot be created.
+    UserError: if it cannot be created, or its name is not valid UTF-8
+      (TensorFlow could not write into it; refused before it is created).
   """
+  from research import data as data_lib
   model_dir = fv.model_dir
   if not model_dir:
     run_name = fv.run_name or (
         f"{fv.dataset}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     model_dir = os.path.join("logs", run_name)
+  data_lib.require_utf8_path(model_dir, "--model_dir")
   try:
     os.makedirs(model_dir, exist_ok=True)
     # The real test of writability (permissions, a read-only mount).

@@ -68,8 +68,8 @@ def load_export(export_dir: str):
   import tensorflow as tf
   from google.protobuf import message
   from tensorflow.core.protobuf import saved_model_pb2
+  from research import checkpoints as checkpoints_lib
   from research import data as data_lib
-  from research import export as export_lib
   shown = data_lib.display_path(export_dir)
   data_lib.require_utf8_path(export_dir, "--export_dir")
   if not os.path.isdir(export_dir):
@@ -94,8 +94,8 @@ def load_export(export_dir: str):
   if not os.path.isdir(variables):
     raise UserError(f"export {shown} has no variables/ folder (the "
                     f"weights); {_REEXPORT}")
-  export_lib.check_checkpoint(os.path.join(variables, "variables"),
-                              what="export variables", fix=_REEXPORT)
+  checkpoints_lib.check_checkpoint(os.path.join(variables, "variables"),
+                                   what="export variables", fix=_REEXPORT)
   try:
     loaded = tf.saved_model.load(export_dir)
   except Exception as e:  # pylint: disable=broad-except
@@ -167,22 +167,32 @@ def load_images(paths, height: int, width: int, channels: int, *,
   return tf.stack(images)
 
 
-def main(argv):
-  paths = argv[1:]
+def run(fv: flags.FlagValues, args: list[str]) -> None:
+  """Prints the top classes of each image; exits with a status on errors.
+
+  Args:
+    fv: This script's parsed flags.
+    args: The image paths (the arguments that are not flags).
+  """
+  paths = args
   if not paths:
     cli.exit_with_error("no images given; usage: predict.py --export_dir=DIR "
                         "IMAGE [IMAGE ...]")
   try:
-    serve, (height, width, channels), names = load_export(FLAGS.export_dir)
+    serve, (height, width, channels), names = load_export(fv.export_dir)
     images = load_images(paths, height, width, channels,
-                         max_image_pixels=FLAGS.max_image_pixels)
+                         max_image_pixels=fv.max_image_pixels)
   except UserError as e:
     cli.exit_with_error(str(e), status=e.exit_status)
   probabilities = serve(images=images)["probabilities"].numpy()
-  k = min(FLAGS.top_k, len(names))
+  k = min(fv.top_k, len(names))
   for path, p in zip(paths, probabilities):
     top = p.argsort()[::-1][:k]
     print(f"{path}: " + ", ".join(f"{names[i]} {p[i]:.3f}" for i in top))
+
+
+def main(argv):
+  run(FLAGS, argv[1:])
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ One parametrized test covers readers x positions x kinds of bad file: the
 image folder (first, middle and last image of train and of test, in sorted
 order), the CIFAR-10 batch files (batches.meta, the first, a middle and the
 last training batch, the test batch), a run's model.json, a checkpoint (its
-index, its data, the run's checkpoint state file) and an export (saved_model.pb,
-the variables' index and data). Each bad file must end in one
+index, its data, the run's checkpoint state file) read by export.py and by the
+trainer's resume (CheckpointKeeper), and an export (saved_model.pb, the
+variables' index and data). Each bad file must end in one
 ``research.errors.UserError`` whose message is one line, names the file and
 prints (valid UTF-8 even when the file's name is not), never in another
 exception. The readers are called in this process; real processes of
@@ -46,6 +47,7 @@ from conftest import write_image_folder
 from research import data as data_lib
 from research import export as export_lib
 from research import model as model_lib
+from research.checkpoints import CheckpointKeeper
 from research.config import DataConfig, ModelConfig
 from research.errors import UserError
 
@@ -70,6 +72,10 @@ POSITIONS = {
     "checkpoint": {"index": "checkpoints/ckpt-5.index",
                    "data": "checkpoints/ckpt-5.data-00000-of-00001",
                    "state": "checkpoints/checkpoint"},
+    # The trainer's own restore (CheckpointKeeper), on a resume.
+    "resume": {"index": "checkpoints/ckpt-5.index",
+               "data": "checkpoints/ckpt-5.data-00000-of-00001",
+               "state": "checkpoints/checkpoint"},
     "export": {"saved_model_pb": "export/saved_model.pb",
                "index": "export/variables/variables.index",
                "data": "export/variables/variables.data-00000-of-00001"},
@@ -81,11 +87,13 @@ KINDS = ("empty", "random_bytes", "truncated_1_byte", "truncated_half",
 
 # Readers that hand paths to TensorFlow, which cannot open a name that is
 # not UTF-8: they refuse the path itself, by name, before reading anything.
-TF_PATH_READERS = ("checkpoint", "export")
+TF_PATH_READERS = ("checkpoint", "resume", "export")
 
 # (reader, position, kind) that do not make a bad file, with the reason.
 NOT_BAD = {
     ("checkpoint", "state", "truncated_all_but_1"):
+        "the state file is text: without its final newline it is whole",
+    ("resume", "state", "truncated_all_but_1"):
         "the state file is text: without its final newline it is whole",
 }
 
@@ -123,7 +131,7 @@ def templates(tmp_path_factory):
                                 image_shape=(32, 32, 3))
   return {"folder": folder,
           "cifar": str(root / "cifar" / "cifar-10-batches-py"),
-          "model_json": run, "checkpoint": run, "export": run}
+          "model_json": run, "checkpoint": run, "resume": run, "export": run}
 
 
 def _read(reader, position, root):
@@ -138,6 +146,12 @@ def _read(reader, position, root):
         root, os.path.join(root, "checkpoints", "ckpt-5"))
   if reader in ("model_json", "checkpoint"):
     return export_lib.load_model_from_run(root)
+  if reader == "resume":
+    model = model_lib.create(ModelConfig(), num_classes=len(CLASSES),
+                             image_shape=(32, 32, 3))
+    return CheckpointKeeper(
+        checkpoint=tf.train.Checkpoint(model=model),
+        directory=os.path.join(root, "checkpoints")).restore_latest()
   return predict.load_export(os.path.join(root, "export"))
 
 
