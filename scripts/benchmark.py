@@ -11,7 +11,8 @@ windows (after a warm-up window each):
   fit_default     model.fit at its defaults (steps_per_execution=1,
                   jit_compile="auto", which is off on CPU)
   fit_matched     model.fit with steps_per_execution and jit_compile as ours
-and measures a 4096² float32 matmul as the machine's ceiling. Prints a
+and measures a 4096² float32 matmul (--matmul_size) as the machine's
+ceiling. Prints a
 markdown table; --json_out keeps every window.
 """
 
@@ -53,6 +54,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                        "Our steps per call (and fit's matched "
                        "steps_per_execution); capped at a window's steps.",
                        lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("matmul_size", 4096,
+                       "Side of the square float32 matmul timed as the "
+                       "machine's ceiling.", lower_bound=64, flag_values=fv)
   flags.DEFINE_string("json_out", None, "Also write every window here.",
                       flag_values=fv)
 
@@ -75,12 +79,13 @@ def main(argv):
     cli.exit_with_error(str(e))
   flops = benchmarking.training_flops_per_example(
       model_lib.build(model_lib.ConvNet()), (32, 32, 3))
-  ceiling = benchmarking.matmul_gflops()
+  ceiling = benchmarking.matmul_gflops(FLAGS.matmul_size)
   cpu = _cpu_model()
   print(f"machine: {cpu}, {os.cpu_count()} cores; TensorFlow "
         f"{tf.__version__}, Keras {tf.keras.__version__}", flush=True)
   print(f"data: {FLAGS.dataset} ({len(data.train_labels)} training examples)"
-        f"; {flops / 1e6:.2f} MFLOP per training example; 4096^2 matmul "
+        f"; {flops / 1e6:.2f} MFLOP per training example; "
+        f"{FLAGS.matmul_size}^2 matmul "
         f"{ceiling:.0f} GFLOP/s", flush=True)
 
   results = []

@@ -43,24 +43,29 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   flags.mark_flag_as_required("model_dir", flag_values=fv)
 
 
-def main(argv):
-  if len(argv) > 1:
-    cli.exit_with_error(f"unexpected arguments {argv[1:]}; this script takes "
+def run(fv: flags.FlagValues, args: list[str]) -> None:
+  """Exports the checkpoint the parsed flags ``fv`` name; exits with a
+  status on errors.
+
+  Args:
+    fv: This script's parsed flags.
+    args: The arguments that are not flags (there must be none).
+  """
+  if args:
+    cli.exit_with_error(f"unexpected arguments {args}; this script takes "
                         f"only flags")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # absl's INFO is TF's noise.
   from research import data as data_lib
   from research import export as export_lib
   try:
-    export_dir = FLAGS.export_dir or os.path.join(FLAGS.model_dir,
-                                                  export_lib.EXPORT_SUBDIR)
+    export_dir = fv.export_dir or os.path.join(fv.model_dir,
+                                               export_lib.EXPORT_SUBDIR)
     # Checked first: TensorFlow writes only UTF-8 paths, and would fail
     # after the model was rebuilt.
     data_lib.require_utf8_path(export_dir, "--export_dir")
     # Every file read here (model.json, the state file, the checkpoint)
     # ends, when damaged, in one line naming it.
-    model, spec, path = export_lib.load_model_from_run(FLAGS.model_dir,
-                                                       FLAGS.checkpoint)
+    model, spec, path = export_lib.load_model_from_run(fv.model_dir,
+                                                       fv.checkpoint)
     export_dir = export_lib.export_saved_model(
         model, export_dir, class_names=spec["class_names"],
         image_shape=spec["image_shape"],
@@ -68,6 +73,12 @@ def main(argv):
   except UserError as e:
     cli.exit_with_error(str(e), status=e.exit_status)
   print(f"exported {path} to {export_dir}")
+
+
+def main(argv):
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # absl's INFO is TF's noise.
+  run(FLAGS, argv[1:])
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import io
 import logging
 import os
@@ -95,8 +96,10 @@ def _working_directory(path):
 def run_in_process(name: str, *args: str) -> subprocess.CompletedProcess:
   """Runs ``scripts/<name>``'s ``run`` in this process, as its command line.
 
-  Parses ``args`` into fresh flags (flagfiles relative to the repository),
-  and returns what a process would: the exit status (from ``SystemExit``,
+  Parses ``args`` into fresh flags (flagfiles relative to the repository)
+  and calls ``run(flags, argv)`` with the command line, or ``run(flags,
+  args)`` with the arguments that are not flags for a script whose ``run``
+  takes those (predict.py, export.py). Returns what a process would: the exit status (from ``SystemExit``,
   0 without one) and what it wrote to stdout and stderr (log records
   included). An exception other than ``SystemExit`` propagates: in a real
   process it would have been a traceback.
@@ -114,8 +117,9 @@ def run_in_process(name: str, *args: str) -> subprocess.CompletedProcess:
   try:
     with _working_directory(REPO), contextlib.redirect_stdout(stdout), \
         contextlib.redirect_stderr(stderr):
-      cli_common.parse_flags_or_exit(argv, fv)
-      module.run(fv, argv)
+      positional = cli_common.parse_flags_or_exit(argv, fv)[1:]
+      takes_args = "args" in inspect.signature(module.run).parameters
+      module.run(fv, positional if takes_args else argv)
   except SystemExit as e:
     status = e.code if isinstance(e.code, int) else 1
   finally:
@@ -179,6 +183,13 @@ def assert_bitwise_equal_to_fit(report: dict) -> None:
   assert report["max_loss_diff"] == 0.0
   assert report["max_weight_diff"] == 0.0
   assert_equivalent(report)
+
+
+def assert_loss_fell(losses, by: float = 0.03) -> None:
+  """Training happened: the last five steps' mean loss is below the first
+  five's by at least ``by`` (single losses are too noisy to compare)."""
+  first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+  assert last < first - by, (first, last, losses)
 
 
 def write_cifar_batches(root: str, *, per_batch: int = 6, num_test: int = 8,

@@ -29,7 +29,8 @@ def test_benchmark_script_reports_every_contender(tmp_path):
   out = tmp_path / "bench.json"
   proc = run_script("benchmark.py", "--batch_sizes=16", "--xla_batch_sizes=",
                     "--windows=2", "--window_examples=160",
-                    "--synthetic_train_size=512", f"--json_out={out}",
+                    "--synthetic_train_size=512", "--matmul_size=256",
+                    f"--json_out={out}",
                     check=True)
   report = json.loads(out.read_text())
   assert report["flops_per_example"] == 25_736_448

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_script, train_in_process
+from conftest import run_in_process, train_in_process
 from test_serving_loaders import load_elsewhere
 from test_serving_loaders import saved_model_cli_run
 from research import data as data_lib
@@ -61,12 +61,15 @@ def test_export_script_exports_any_checkpoint(trained_run, tmp_path):
   model_dir, data = trained_run
   checkpoint = os.path.join(model_dir, "checkpoints", "ckpt-8")
   export_dir = str(tmp_path / "from_ckpt8")
-  proc = run_script("export.py", f"--model_dir={model_dir}",
-                    f"--checkpoint={checkpoint}",
-                    f"--export_dir={export_dir}", check=True)
+  proc = run_in_process("export.py", f"--model_dir={model_dir}",
+                        f"--checkpoint={checkpoint}",
+                        f"--export_dir={export_dir}")
+  assert proc.returncode == 0, proc.stderr
   assert f"exported {checkpoint} to {export_dir}" in proc.stdout
   images = data.test_images[:16]
-  out = load_elsewhere(tmp_path, export_dir, images)
+  # Which weights it holds (loading without this package: the test above).
+  serve = tf.saved_model.load(export_dir).signatures["serving_default"]
+  out = {k: v.numpy() for k, v in serve(images=tf.constant(images)).items()}
   at_8 = _in_process_probabilities(model_dir, images, checkpoint)
   at_end = _in_process_probabilities(model_dir, images)
   np.testing.assert_allclose(out["probabilities"], at_8, rtol=1e-5,
@@ -75,7 +78,8 @@ def test_export_script_exports_any_checkpoint(trained_run, tmp_path):
 
 
 def test_export_script_errors_are_one_line(tmp_path):
-  proc = run_script("export.py", f"--model_dir={tmp_path}")
+  # In this process: test_readers.py runs export.py's errors in real ones.
+  proc = run_in_process("export.py", f"--model_dir={tmp_path}")
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith(
       f"error: {tmp_path}/model.json not found")
@@ -95,8 +99,10 @@ def test_predict_prints_top_k_per_image_and_rejects_bad_paths(
   big = tf.image.resize(data.test_images[3:4], [64, 48])[0]
   jpeg = str(tmp_path / "big.jpg")
   tf.io.write_file(jpeg, tf.io.encode_jpeg(tf.cast(big, tf.uint8)))
-  proc = run_script("predict.py", f"--export_dir={export_dir}", "--top_k=2",
-                    *paths, jpeg, check=True)
+  # In this process: test_serving_loaders.py runs predict.py in a real one.
+  proc = run_in_process("predict.py", f"--export_dir={export_dir}",
+                        "--top_k=2", *paths, jpeg)
+  assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.strip().splitlines()
   assert len(lines) == 4
   expected = _in_process_probabilities(model_dir, data.test_images[:3])
@@ -109,17 +115,18 @@ def test_predict_prints_top_k_per_image_and_rejects_bad_paths(
     assert second.split()[0] == data.class_names[top[1]]
   assert lines[3].startswith(f"{jpeg}: ")
 
-  missing = run_script("predict.py", f"--export_dir={export_dir}", paths[0],
-                       str(tmp_path / "nope.jpg"))
+  missing = run_in_process("predict.py", f"--export_dir={export_dir}",
+                           paths[0], str(tmp_path / "nope.jpg"))
   assert missing.returncode == 2 and missing.stdout == ""
   assert missing.stderr.strip().splitlines()[-1] == (
       f"error: image file not found: {tmp_path}/nope.jpg")
   not_image = tmp_path / "notes.txt"
   not_image.write_text("not an image")
-  bad = run_script("predict.py", f"--export_dir={export_dir}",
-                   str(not_image))
+  bad = run_in_process("predict.py", f"--export_dir={export_dir}",
+                       str(not_image))
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines()[-1] == (
       f"error: cannot decode {not_image} as an image (JPEG, PNG, GIF or BMP)")
-  no_model = run_script("predict.py", f"--export_dir={tmp_path}", paths[0])
+  no_model = run_in_process("predict.py", f"--export_dir={tmp_path}",
+                            paths[0])
   assert no_model.returncode == 2 and "holds no SavedModel" in no_model.stderr

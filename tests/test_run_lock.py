@@ -1,11 +1,11 @@
 """One writer per run directory (research/run_lock.py)."""
 
+import errno
 import hashlib
 import json
 import os
 import signal
 import subprocess
-import errno
 import sys
 
 import pytest
@@ -80,10 +80,12 @@ def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(
 @pytest.mark.slow
 def test_a_second_trainer_on_a_running_run_exits_2_and_the_first_finishes(
     tmp_path):
-  """The double launch of the issue, as users do it: two processes."""
+  """The double launch of the issue, as users do it: two processes. The
+  first is paused (SIGSTOP) while the second tries, so it is sure to hold
+  the run then, however slow the machine."""
   model_dir = str(tmp_path / "run")
   args = [sys.executable, "-u", os.path.join(SCRIPTS, "train_loop.py"),
-          *SMOKE, "--epochs=8", f"--model_dir={model_dir}"]
+          *SMOKE, f"--model_dir={model_dir}"]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   first = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
@@ -91,8 +93,12 @@ def test_a_second_trainer_on_a_running_run_exits_2_and_the_first_finishes(
     for line in first.stdout:
       if line.startswith("train step"):
         break
-    second = subprocess.run(args, cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=120)
+    first.send_signal(signal.SIGSTOP)
+    try:
+      second = subprocess.run(args, cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=120)
+    finally:
+      first.send_signal(signal.SIGCONT)
     out, err = first.communicate(timeout=180)
   finally:
     if first.poll() is None:

@@ -128,8 +128,10 @@ def test_every_precision_and_xla_setting_trains(tmp_path, precision, jit):
 
 @pytest.mark.slow
 def test_steps_per_loop_changes_no_result(tmp_path):
+  """5 steps a call (calls cut at every evaluation and checkpoint) against
+  16 (one call an epoch)."""
   weights = []
-  for steps_per_loop in (8, 5, 16):
+  for steps_per_loop in (5, 16):
     metrics, losses = _train_run(tmp_path, f"spl{steps_per_loop}",
                                  steps_per_loop=steps_per_loop,
                                  deterministic=True)
