@@ -143,6 +143,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
              if v.dtype.kind == "f")
 
 
+@pytest.mark.slow  # Three runs.
 def test_nan_policy_skip_counts_and_goes_on(tmp_path):
   model_dir = str(tmp_path / "skip")
   args = [*SMOKE, f"--model_dir={model_dir}", "--nan_policy=skip"]

@@ -107,6 +107,7 @@ def test_a_finished_run_run_again_rewrites_nothing(finished_run):
   assert _snapshot(finished_run) == before
 
 
+@pytest.mark.slow  # Two runs.
 def test_more_epochs_train_exactly_the_added_steps_and_are_recorded(tmp_path):
   model_dir = str(tmp_path / "extended")
   assert run_in_process("train_loop.py", *SMOKE,

@@ -33,6 +33,7 @@ def test_a_runner_refuses_an_optimizer_that_would_sum_twice():
                          optimizer=optimizer, global_batch_size=8)
 
 
+@pytest.mark.slow  # 208 steps.
 def test_a_few_hundred_steps_drive_the_loss_well_down():
   tf.keras.utils.set_random_seed(0)
   strategy = tf.distribute.get_strategy()
@@ -116,7 +117,8 @@ def _train_run(tmp_path, name, **overrides):
 @pytest.mark.parametrize("precision,jit", [
     ("float32", False),
     pytest.param("float32", True, marks=pytest.mark.slow),
-    ("mixed_float16", False), ("mixed_bfloat16", False),
+    pytest.param("mixed_float16", False, marks=pytest.mark.slow),
+    pytest.param("mixed_bfloat16", False, marks=pytest.mark.slow),
     pytest.param("mixed_bfloat16", True, marks=pytest.mark.slow)])
 def test_every_precision_and_xla_setting_trains(tmp_path, precision, jit):
   metrics, losses = _train_run(tmp_path, "run", mixed_precision=precision,

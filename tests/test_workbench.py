@@ -198,6 +198,7 @@ def test_event_files_hold_histograms_images_hparams_and_a_profile(tmp_path):
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 1000
 
 
+@pytest.mark.slow  # Two runs, one on 2 replicas.
 def test_global_norm_clipping_is_over_all_replicas(tmp_path):
   """With SGD the update is lr x clipped gradient: clipping each replica's
   half of the gradient (Keras 3's own clipnorm under a strategy) would move
