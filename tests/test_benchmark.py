@@ -28,7 +28,7 @@ def test_flop_count_of_the_convnet():
 def test_benchmark_script_reports_every_contender(tmp_path):
   out = tmp_path / "bench.json"
   proc = run_script("benchmark.py", "--batch_sizes=16", "--xla_batch_sizes=",
-                    "--windows=2", "--window_examples=160",
+                    "--windows=1", "--window_examples=160",
                     "--synthetic_train_size=512", "--matmul_size=256",
                     f"--json_out={out}",
                     check=True)
@@ -39,6 +39,6 @@ def test_benchmark_script_reports_every_contender(tmp_path):
   assert row["batch_size"] == 16 and row["window_steps"] == 10
   assert set(row["examples_per_second"]) == {
       "loop", "loop_synthetic", "fit_default", "fit_matched"}
-  assert all(len(v) == 2 and min(v) > 0
+  assert all(len(v) == 1 and min(v) > 0
              for v in row["examples_per_second"].values())
   assert "| 16 | off |" in proc.stdout

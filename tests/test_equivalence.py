@@ -17,25 +17,27 @@ from conftest import (assert_bitwise_equal_to_fit, assert_equivalent,
 # Fresh processes: the verifier and a batch of cases.
 pytestmark = pytest.mark.slow
 
-# The verifier's own run: 1600 examples / batch 32 = 50 steps (one epoch,
-# the default length).
-SMALL = ["--synthetic_train_size=1600", "--synthetic_test_size=256"]
-# The batch's cases: 800 examples / batch 32 = 25 steps.
+# 800 examples / batch 32 = 25 steps (one epoch, the default length).
+SMALL = ["--synthetic_train_size=800", "--synthetic_test_size=128"]
 DATA = {"num_train": 800, "num_test": 128}
 STEPS = 25
+# 320 examples: 10 steps, for the cases that only compare numbers (XLA and
+# mixed precision, whose float16/bfloat16 kernels are slow with oneDNN off).
+DATA_10 = {"num_train": 320, "num_test": 128}
 # 808 examples: 25 full batches and a short one of 8.
 DATA_SHORT = {"num_train": 808, "num_test": 128}
 
 CASES = {
-    # L2 regularization and a kept short batch, in one case.
+    # L2 regularization and a kept short batch, in one case (one Keras fit
+    # and one loop to build and trace).
     "l2_short_batch": (DATA_SHORT, {"model": {"l2": 0.001},
                                     "keep_short_batch": True}),
-    "xla": (DATA, {"jit_compile": True}),
-    "mixed_bfloat16": (DATA, {"dtype": "mixed_bfloat16"}),
-    "mixed_float16": (DATA, {"dtype": "mixed_float16"}),
     "sgd_cosine": (DATA, {"optimizer": {
         "name": "sgd", "learning_rate": 0.05, "lr_schedule": "cosine",
         "warmup_steps": 5}}),
+    "xla": (DATA_10, {"jit_compile": True}),
+    "mixed_bfloat16": (DATA_10, {"dtype": "mixed_bfloat16"}),
+    "mixed_float16": (DATA_10, {"dtype": "mixed_float16"}),
     "tiny_mlp": (DATA, {"model": {"name": "tiny_mlp"}}),
 }
 
@@ -57,17 +59,16 @@ def test_one_device_is_bitwise_identical_to_fit(tmp_path):
   proc, report = _verify(tmp_path, "--replicas=1")
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert proc.stdout.strip().endswith("PASS")
-  assert report["mode"] == "one_device" and report["steps"] == 50
+  assert report["mode"] == "one_device" and report["steps"] == STEPS
   assert report["dtype"] == "float32"
-  assert len(report["fit_losses"]) == len(report["loop_losses"]) == 50
+  assert len(report["fit_losses"]) == len(report["loop_losses"]) == STEPS
   assert report["max_loss_diff"] == 0.0
   assert report["max_weight_diff"] == 0.0
   # fit's per-batch loss, recovered from its running mean, is exact.
   assert report["fit_loss_recovery_error"] == 0.0
   assert report["loop_eval"]["correct"] == report["fit_eval"]["correct"]
   assert abs(report["loop_eval"]["loss"] - report["fit_eval"]["loss"]) <= 1e-6
-  # Training happened: the loss fell.
-  assert report["loop_losses"][-1] < report["loop_losses"][0] - 0.5
+  assert_loss_fell(report["loop_losses"])  # Training happened.
 
 
 def test_the_script_fails_a_wrong_loop_at_the_right_step(tmp_path):

@@ -17,20 +17,19 @@ from test_equivalence import DATA, DATA_SHORT, STEPS
 pytestmark = pytest.mark.slow
 
 CASES = {
-    "two_replicas": (DATA, {"replicas": 2}),
-    # L2 regularization and a kept short batch (8 examples: 4 a replica),
-    # in one case.
-    "l2_short_batch": (DATA_SHORT, {"replicas": 2, "model": {"l2": 0.001},
-                                    "keep_short_batch": True}),
+    # Two replicas against one-device fit, with L2 regularization and a kept
+    # short batch (8 examples: 4 a replica): one case, one float64 fit.
+    "two_replicas_l2_short_batch": (DATA_SHORT, {
+        "replicas": 2, "model": {"l2": 0.001}, "keep_short_batch": True}),
     # Under the same strategy (float32): the penalty is then the only
     # difference the fault makes.
     "unscaled_regularization": (DATA, {
         "replicas": 2, "fit_replicas": 2, "model": {"l2": 0.001},
         "fault": "unscaled_regularization", "fault_step": 12}),
-    "same_strategy": (DATA, {"replicas": 2, "fit_replicas": 2,
-                             "steps_per_loop": 7}),
-    "adamw_step": (DATA, {
-        "replicas": 2, "fit_replicas": 2, "optimizer": {
+    # The same strategy on both sides, 7 steps a call, AdamW and a step
+    # schedule with warmup.
+    "same_strategy_adamw_step": (DATA, {
+        "replicas": 2, "fit_replicas": 2, "steps_per_loop": 7, "optimizer": {
             "name": "adamw", "weight_decay": 0.01, "lr_schedule": "step",
             "warmup_steps": 3}}),
     "tiny_mlp": (DATA, {"replicas": 2, "fit_replicas": 2,
@@ -44,7 +43,7 @@ def reports(tmp_path_factory):
 
 
 def test_two_replicas_match_one_device_fit(reports):
-  report = reports["two_replicas"]
+  report = reports["two_replicas_l2_short_batch"]
   assert report["mode"] == "loop_replicas_vs_fit_one_device"
   assert report["dtype"] == "float64"
   assert report["max_loss_diff"] <= 1e-5
@@ -53,7 +52,7 @@ def test_two_replicas_match_one_device_fit(reports):
 
 
 def test_loop_and_fit_under_the_same_two_replica_strategy(reports):
-  report = reports["same_strategy"]
+  report = reports["same_strategy_adamw_step"]
   assert report["mode"] == "same_strategy" and report["dtype"] == "float32"
   assert report["max_loss_diff"] <= 1e-6
   assert report["max_weight_diff"] <= 1e-6
@@ -61,8 +60,7 @@ def test_loop_and_fit_under_the_same_two_replica_strategy(reports):
 
 
 def test_regularization_and_short_batch_match_fit(reports):
-  report = reports["l2_short_batch"]
-  assert report["mode"] == "loop_replicas_vs_fit_one_device"
+  report = reports["two_replicas_l2_short_batch"]
   assert_equivalent(report)
   assert report["steps"] == STEPS + 1
 
@@ -78,7 +76,7 @@ def test_a_wrong_regularization_is_caught_at_the_right_step(reports):
 
 
 def test_adamw_and_a_step_schedule_match_fit_bitwise(reports):
-  report = reports["adamw_step"]
+  report = reports["same_strategy_adamw_step"]
   assert_bitwise_equal_to_fit(report)
   assert_loss_fell(report["loop_losses"])
 

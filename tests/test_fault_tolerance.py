@@ -15,6 +15,7 @@ import tensorflow as tf
 from conftest import (REPO, SCRIPTS, read_scalars, run_in_process, run_script,
                       signal_script_at, write_cifar_batches,
                       write_image_folder)
+from research.run_lock import LOCK_FILE
 
 SMOKE = ["--flagfile=configs/smoke.flags", "--deterministic"]
 TRAIN_STEPS = [8, 16, 24, 32, 40, 48]
@@ -93,6 +94,10 @@ def test_sigkill_then_rerun_is_bitwise_identical(tmp_path, reference_run,
   killed = signal_script_at(kill_after, args, signal.SIGKILL)
   assert killed.returncode == -signal.SIGKILL, killed.stdout
   assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
+  # The killed holder's lock file is left behind, but the kernel released
+  # the lock: it never blocks the resume.
+  with open(os.path.join(model_dir, LOCK_FILE)) as f:
+    assert f"pid {killed.pid}" in f.read()
   proc = run_in_process("train_loop.py", *args)
   assert proc.returncode == 0, proc.stderr
   assert "resumed from" in proc.stdout or "train step 8/48" in proc.stdout

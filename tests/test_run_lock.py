@@ -10,9 +10,8 @@ import sys
 
 import pytest
 
-from conftest import REPO, SCRIPTS, run_in_process, signal_script_at
+from conftest import REPO, SCRIPTS, run_in_process
 from research.errors import UserError
-from research.run_lock import LOCK_FILE
 from research.run_lock import RunLock
 
 SMOKE = ["--flagfile=configs/smoke.flags"]
@@ -113,16 +112,3 @@ def test_a_second_trainer_on_a_running_run_exits_2_and_the_first_finishes(
     assert len(json.load(f)["invocations"]) == 1
   for split in ("train", "eval"):
     assert len(os.listdir(os.path.join(model_dir, split))) == 1
-
-
-@pytest.mark.slow
-def test_a_killed_holder_never_blocks_the_resume(tmp_path):
-  model_dir = str(tmp_path / "run")
-  args = [*SMOKE, f"--model_dir={model_dir}"]  # 48 steps.
-  proc = signal_script_at("train step 24/", args, signal.SIGKILL, timeout=60)
-  assert proc.returncode == -signal.SIGKILL
-  with open(os.path.join(model_dir, LOCK_FILE)) as f:
-    assert f"pid {proc.pid}" in f.read()  # Left behind, but not held.
-  rerun = run_in_process("train_loop.py", *args)
-  assert rerun.returncode == 0, rerun.stderr
-  assert "resumed from" in rerun.stdout
