@@ -17,21 +17,42 @@ from research.errors import UserError
 from research.options import STRATEGIES
 
 
-def configure_devices(*, cpu_replicas: int = 0) -> None:
-  """Splits the CPU into ``cpu_replicas`` logical devices.
+def configure_devices(*, cpu_replicas: int = 0, num_gpus: int | None = None,
+                      gpu_memory_growth: bool = False) -> None:
+  """Chooses the devices this process uses, before TensorFlow starts them.
 
-  This lets multi-replica code (``MirroredStrategy``) run on a machine with no
-  GPU: each logical device is one replica.
+  Splits the CPU into ``cpu_replicas`` logical devices, so that multi-replica
+  code (``MirroredStrategy``) runs on a machine with no GPU: each logical
+  device is one replica. Hides every GPU past the first ``num_gpus`` from
+  TensorFlow (trimming a strategy's device list alone would leave the others
+  visible, and TensorFlow would take their memory too). With
+  ``gpu_memory_growth``, TensorFlow takes GPU memory as it needs it instead
+  of all of it at start, so that several processes can share a GPU.
 
   Args:
     cpu_replicas: Number of logical CPU devices; 0 or 1 leaves the CPU as is.
+    num_gpus: Use at most this many GPUs (None: all visible).
+    gpu_memory_growth: Grow GPU memory on demand.
 
   Raises:
-    ValueError: if ``cpu_replicas`` < 0.
+    ValueError: if ``cpu_replicas`` < 0 or ``num_gpus`` < 0.
     UserError: if TensorFlow already initialized its devices.
   """
   if cpu_replicas < 0:
     raise ValueError(f"cpu_replicas must be >= 0, got {cpu_replicas}")
+  if num_gpus is not None and num_gpus < 0:
+    raise ValueError(f"num_gpus must be >= 0, got {num_gpus}")
+  gpus = tf.config.list_physical_devices("GPU")
+  try:
+    if num_gpus is not None and num_gpus < len(gpus):
+      gpus = gpus[:num_gpus]
+      tf.config.set_visible_devices(gpus, "GPU")
+    if gpu_memory_growth:
+      for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
+  except RuntimeError as e:
+    raise UserError(f"cannot choose the GPUs after TensorFlow initialized "
+                    f"them ({e})") from None
   if cpu_replicas <= 1:
     return
   cpu = tf.config.list_physical_devices("CPU")[0]
@@ -171,3 +192,74 @@ def describe(strategy: tf.distribute.Strategy) -> str:
     where = f" task={task.get('type')}:{task.get('index')}"
   return (f"{type(strategy).__name__} x{strategy.num_replicas_in_sync} "
           f"({', '.join(devices)}){where}")
+
+
+def compiles_updates_in_xla(strategy: tf.distribute.Strategy) -> bool:
+  """Whether the optimizer's update may run inside an XLA cluster under
+  ``strategy``: only with one replica and no mirrored variables.
+
+  Under ``MirroredStrategy`` (even with one replica) and
+  ``MultiWorkerMirroredStrategy``, a variable update inside XLA on GPUs
+  takes TensorFlow's path without ``merge_call``, where Keras' optimizer
+  calls ``extended.update`` in replica context and fails (tf-keras#385,
+  keras#21366); on CPU the same code takes the ``merge_call`` path, so CPU
+  runs cannot show it. The step then compiles only the forward and backward
+  pass, where the FLOPs are.
+  """
+  mirrored = (tf.distribute.MirroredStrategy,
+              tf.distribute.MultiWorkerMirroredStrategy)
+  return (strategy.num_replicas_in_sync == 1 and
+          not isinstance(strategy, mirrored))
+
+
+def auto_jit_compile(*, device_type: str, replicas: int,
+                     updates_in_xla: bool, deterministic: bool) -> bool:
+  """The rule ``--jit_compile=auto`` follows, in one place.
+
+  XLA is on only for one replica on a GPU whose whole step XLA can compile
+  (``OneDeviceStrategy``), without op determinism. Keras' own ``auto`` is
+  off on CPU-only machines, under any ``tf.distribute`` strategy, and with
+  op determinism (keras/src/trainers/trainer.py); ours differs in one case,
+  a single GPU under ``OneDeviceStrategy``, where the loop's step compiles
+  whole and is faster.
+
+  Args:
+    device_type: The replicas' device type (``"GPU"``, ``"CPU"``, ...).
+    replicas: Replicas in sync.
+    updates_in_xla: ``compiles_updates_in_xla`` of the strategy.
+    deterministic: Op determinism is on (TensorFlow has no deterministic
+      XLA MaxPool gradient).
+
+  Returns:
+    Whether to compile the steps with XLA.
+  """
+  return (device_type == "GPU" and replicas == 1 and updates_in_xla and
+          not deterministic)
+
+
+def resolve_jit_compile(setting: str, strategy: tf.distribute.Strategy, *,
+                        deterministic: bool) -> bool:
+  """``--jit_compile`` (``auto``, ``true`` or ``false``) for ``strategy``.
+
+  Raises:
+    UserError: if XLA is asked for (``true``) where it cannot run: with
+      ``deterministic``, or over several logical CPUs.
+  """
+  device = tf.DeviceSpec.from_string(strategy.extended.worker_devices[0])
+  if setting == "auto":
+    return auto_jit_compile(
+        device_type=device.device_type or "CPU",
+        replicas=strategy.num_replicas_in_sync,
+        updates_in_xla=compiles_updates_in_xla(strategy),
+        deterministic=deterministic)
+  if setting != "true":
+    return False
+  if deterministic:
+    raise UserError("--deterministic cannot be combined with XLA "
+                    "(--jit_compile=true): TensorFlow has no deterministic "
+                    "XLA MaxPool gradient; pass --jit_compile=false or auto")
+  if device.device_type == "CPU" and strategy.num_replicas_in_sync > 1:
+    raise UserError("--jit_compile=true with several CPU replicas is not "
+                    "supported by TensorFlow (an XLA cluster cannot use "
+                    "variables of another logical CPU); drop one of them")
+  return True

@@ -68,16 +68,22 @@ class PreemptionWatcher:
     return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
                                 axis=None)
 
+  @staticmethod
+  def vote_input(code: int) -> tf.Tensor:
+    """What a worker contributes to the vote: a one-hot of its request.
+
+    Counts of workers asking for each stop are summed (collectives have no
+    max); float32 because collectives on GPUs refuse int32
+    (tensorflow#56184).
+    """
+    return tf.one_hot(code, len(_NAMES) + 1, dtype=tf.float32)
+
   def should_stop(self) -> str | None:
     """Which stop this or (under multi-worker) any worker was asked for:
     ``"SIGINT"`` (wins), ``"SIGTERM"``, or None."""
     code = self._requested
     if self._multi_worker:
-      # Counts of workers asking for each stop, summed (collectives have no
-      # max); float32 because collectives on GPUs refuse int32
-      # (tensorflow#56184).
-      requests = tf.one_hot(code, len(_NAMES) + 1, dtype=tf.float32)
-      counts = self._vote(requests).numpy()
+      counts = self._vote(self.vote_input(code)).numpy()
       code = max((c for c in _NAMES if counts[c] > 0), default=_NO_STOP)
     return _NAMES.get(code)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from research import distribute
 from research import optim
 from research.options import NAN_POLICIES
 
@@ -115,8 +116,8 @@ class StepRunner:
         from_logits=True, label_smoothing=label_smoothing, reduction=None,
         dtype=self.loss_dtype)
     # XLA compiles the forward and backward pass, and separately the update
-    # (which, with several replicas, touches mirrored variables on every
-    # replica's device: one XLA cluster cannot span them). Without XLA the
+    # where the strategy allows it (distribute.compiles_updates_in_xla: not
+    # over mirrored variables, which one XLA cluster cannot span). Without XLA the
     # replica functions are plain Python, traced into the caller: nested
     # tf.functions must not hold a cross-replica synchronization point.
     self._replica_gradients = (
@@ -124,7 +125,8 @@ class StepRunner:
         if jit_compile else self._replica_gradients_step)
     self._replica_apply = (
         tf.function(self._replica_apply_step, jit_compile=True)
-        if jit_compile and replicas == 1 else self._replica_apply_step)
+        if jit_compile and distribute.compiles_updates_in_xla(strategy)
+        else self._replica_apply_step)
     self._replica_eval = tf.function(self._replica_eval_step,
                                      jit_compile=jit_compile)
     self.train_steps = tf.function(self._train_steps)

@@ -151,15 +151,6 @@ def resolve_model_dir(fv: flags.FlagValues) -> str:
   return model_dir
 
 
-def resolve_jit_compile(value: str, strategy) -> bool:
-  """``auto`` means XLA on for a single GPU and off otherwise, like Keras."""
-  if value == "auto":
-    import tensorflow as tf
-    return (strategy.num_replicas_in_sync == 1 and
-            bool(tf.config.list_logical_devices("GPU")))
-  return value == "true"
-
-
 def global_batch_size_from_flags(fv: flags.FlagValues, replicas: int) -> int:
   """``--per_replica_batch_size`` x replicas when set, else ``--batch_size``.
 
@@ -186,17 +177,11 @@ def train_config_from_flags(fv: flags.FlagValues, *, model_dir: str, strategy):
       the flags make an impossible configuration.
   """
   from research import config as config_lib
+  from research import distribute
   replicas = strategy.num_replicas_in_sync
   global_batch_size = global_batch_size_from_flags(fv, replicas)
-  jit_compile = resolve_jit_compile(fv.jit_compile, strategy)
-  if jit_compile and fv.cpu_replicas > 1:
-    raise UserError("--jit_compile=true with --cpu_replicas > 1 is not "
-                    "supported by TensorFlow (an XLA cluster cannot use "
-                    "variables of another logical CPU); drop one of them")
-  if fv.deterministic and jit_compile:
-    raise UserError("--deterministic cannot be combined with XLA "
-                    "(--jit_compile): TensorFlow has no deterministic XLA "
-                    "MaxPool gradient; pass --jit_compile=false")
+  jit_compile = distribute.resolve_jit_compile(
+      fv.jit_compile, strategy, deterministic=fv.deterministic)
   resolved = {
       "model_dir": model_dir, "global_batch_size": global_batch_size,
       "jit_compile": jit_compile,

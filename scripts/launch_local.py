@@ -44,6 +44,16 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   """Defines this script's flags on ``fv``."""
   flags.DEFINE_integer("num_workers", 2, "Worker processes to start.",
                        lower_bound=1, flag_values=fv)
+  flags.DEFINE_list("gpus", None,
+                    "GPU ids to share out among the workers (default: "
+                    "CUDA_VISIBLE_DEVICES if set, else those nvidia-smi -L "
+                    "lists; none on a machine without GPUs).",
+                    flag_values=fv)
+  flags.DEFINE_integer("gpus_per_worker", None,
+                       "GPUs each worker gets, through its own "
+                       "CUDA_VISIBLE_DEVICES (default: 1 when there are GPUs,"
+                       " 0 otherwise; 0 hides every GPU from the workers).",
+                       lower_bound=0, flag_values=fv)
   flags.DEFINE_float("grace_seconds", 20.0,
                      "After a failure or SIGTERM, how long workers get to "
                      "exit before they are killed.", lower_bound=0,
@@ -98,9 +108,63 @@ def _stop(workers, sig, grace_seconds):
       proc.wait()
 
 
-def launch(num_workers: int, train_args: list[str], grace_seconds: float
-           ) -> int:
+def host_gpus() -> list[str]:
+  """The GPU ids the workers may use: ``CUDA_VISIBLE_DEVICES`` when set,
+  else what ``nvidia-smi -L`` lists (none without a driver). No TensorFlow
+  here: it would take the GPUs' memory in the launcher."""
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+  if visible is not None:
+    return [g.strip() for g in visible.split(",") if g.strip()]
+  try:
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    return []
+  return [str(i) for i, line in enumerate(out.splitlines())
+          if line.startswith("GPU ")]
+
+
+def worker_gpus(num_workers: int, gpus: list[str],
+                gpus_per_worker: int | None) -> list[str]:
+  """Each worker's ``CUDA_VISIBLE_DEVICES``: its own slice of ``gpus``.
+
+  Two processes on one GPU would each try to take all of its memory, and
+  replicas of one job would share a device; so each worker sees only its
+  own GPUs, and none (``""``) when there are none to give.
+
+  Args:
+    num_workers: Workers on this host.
+    gpus: GPU ids to share out.
+    gpus_per_worker: GPUs a worker; None: 1 if there are GPUs, else 0.
+
+  Returns:
+    One comma-separated id list a worker (``""``: no GPU).
+
+  Raises:
+    ValueError: if there are not enough GPUs for that many a worker.
+  """
+  if gpus_per_worker is None:
+    gpus_per_worker = 1 if gpus else 0
+  needed = num_workers * gpus_per_worker
+  if needed > len(gpus):
+    raise ValueError(
+        f"{num_workers} workers x {gpus_per_worker} GPUs need {needed} GPUs "
+        f"but {len(gpus)} are available ({','.join(gpus) or 'none'}); "
+        f"lower --num_workers or --gpus_per_worker, or pass --gpus")
+  return [",".join(gpus[i * gpus_per_worker:(i + 1) * gpus_per_worker])
+          for i in range(num_workers)]
+
+
+def launch(num_workers: int, train_args: list[str], grace_seconds: float,
+           gpus_each: list[str] | None = None) -> int:
   """Starts the workers, relays their output, and waits for them.
+
+  Args:
+    num_workers: Worker processes.
+    train_args: ``train_loop.py``'s flags.
+    grace_seconds: How long workers get to exit after a failure or signal.
+    gpus_each: Each worker's ``CUDA_VISIBLE_DEVICES`` (``worker_gpus``);
+      None leaves the environment's.
 
   Returns:
     0 if every worker succeeded; 143 or 130 if they saved and stopped on
@@ -120,6 +184,8 @@ def launch(num_workers: int, train_args: list[str], grace_seconds: float
   for i in range(num_workers):
     env = dict(os.environ, TF_CONFIG=tf_config(ports, i))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if gpus_each is not None:
+      env["CUDA_VISIBLE_DEVICES"] = gpus_each[i]
     proc = subprocess.Popen(
         [sys.executable, "-u", TRAIN_SCRIPT, *train_args,
          "--strategy=multi_worker_mirrored"],
@@ -128,9 +194,11 @@ def launch(num_workers: int, train_args: list[str], grace_seconds: float
     threading.Thread(target=_pump, args=(f"worker {i}", proc.stdout,
                                          sys.stdout), daemon=True).start()
     workers.append(proc)
+  gpus_shown = ("" if gpus_each is None else "; GPUs " + ", ".join(
+      g or "none" for g in gpus_each))
   print(f"launched {num_workers} workers on 127.0.0.1 ports "
         f"{', '.join(map(str, ports))} (pids "
-        f"{', '.join(str(p.pid) for p in workers)})", flush=True)
+        f"{', '.join(str(p.pid) for p in workers)}){gpus_shown}", flush=True)
 
   forwarded = False
   while True:
@@ -164,7 +232,14 @@ def main(argv):
   if not train_args:
     cli.exit_with_error("give the train_loop.py flags after --, e.g. "
                         "-- --flagfile=configs/smoke.flags --model_dir=/tmp/mw")
-  sys.exit(launch(FLAGS.num_workers, train_args, FLAGS.grace_seconds))
+  try:
+    gpus_each = worker_gpus(FLAGS.num_workers, (FLAGS.gpus if FLAGS['gpus'].present
+                                                else host_gpus()),
+                            FLAGS.gpus_per_worker)
+  except ValueError as e:
+    cli.exit_with_error(str(e))
+  sys.exit(launch(FLAGS.num_workers, train_args, FLAGS.grace_seconds,
+                  gpus_each))
 
 
 if __name__ == "__main__":

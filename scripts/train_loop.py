@@ -142,12 +142,21 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                     "LossScaleOptimizer. Logits and loss stay float32.",
                     flag_values=fv)
   flags.DEFINE_enum("jit_compile", "auto", options.JIT_COMPILE,
-                    "XLA for the steps; auto: on for a single GPU, off "
-                    "otherwise (as Keras does).", flag_values=fv)
+                    "XLA for the steps; auto: on for one GPU under "
+                    "OneDeviceStrategy without --deterministic, off "
+                    "otherwise (research.distribute.auto_jit_compile).",
+                    flag_values=fv)
   flags.DEFINE_enum("strategy", "auto", options.STRATEGIES,
                     "Distribution strategy.", flag_values=fv)
-  flags.DEFINE_integer("num_gpus", None, "Use at most this many GPUs.",
-                       lower_bound=0, flag_values=fv)
+  flags.DEFINE_integer("num_gpus", None,
+                       "Use at most this many GPUs, for every strategy; the "
+                       "others are hidden from TensorFlow (their memory is "
+                       "not taken).", lower_bound=0, flag_values=fv)
+  flags.DEFINE_bool("gpu_memory_growth", False,
+                    "Take GPU memory as needed instead of all of it at start "
+                    "(for several processes on one GPU; "
+                    "TF_FORCE_GPU_ALLOW_GROWTH=true does the same).",
+                    flag_values=fv)
   flags.DEFINE_integer("cpu_replicas", 0,
                        "Split the CPU into N logical devices and mirror over "
                        "them (for multi-replica runs without GPUs).",
@@ -171,7 +180,9 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
   from research import preemption
   try:
     model_dir = cli.resolve_model_dir(fv)
-    distribute.configure_devices(cpu_replicas=fv.cpu_replicas)
+    distribute.configure_devices(cpu_replicas=fv.cpu_replicas,
+                                 num_gpus=fv.num_gpus,
+                                 gpu_memory_growth=fv.gpu_memory_growth)
     strategy = distribute.create_strategy(
         fv.strategy, num_gpus=fv.num_gpus, cpu_replicas=fv.cpu_replicas,
         tpu=fv.tpu)

@@ -1,0 +1,184 @@
+"""GPU code paths, proven on CPU where the mechanism allows (issue 17).
+
+The XLA rule is a pure function of the facts it looks at, tested over every
+combination, including GPU ones; what depends on a real strategy is tested
+on the logical CPUs.
+"""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO
+from research import data as data_lib
+from research import distribute
+from research.config import ModelConfig, OptimizerConfig, StepConfig
+from research.errors import UserError
+from research.training import build_training
+
+# (device, replicas, strategy, deterministic) -> auto's XLA setting.
+# Only one GPU under OneDeviceStrategy, without determinism, gets XLA: the
+# one case where the loop's whole step compiles and Keras' auto would not
+# try (it is off under any tf.distribute strategy).
+STRATEGY_KINDS = {"one_device": True, "mirrored": False,
+                  "multi_worker_mirrored": False}
+
+
+@pytest.mark.parametrize("device,replicas,kind,deterministic", [
+    (d, r, k, det) for d, r, k, det in itertools.product(
+        ("GPU", "CPU"), (1, 2), STRATEGY_KINDS, (False, True))
+    if not (k == "one_device" and r == 2)])
+def test_auto_xla_is_on_only_for_one_gpu_under_one_device(
+    device, replicas, kind, deterministic):
+  expected = (device == "GPU" and replicas == 1 and kind == "one_device"
+              and not deterministic)
+  assert distribute.auto_jit_compile(
+      device_type=device, replicas=replicas,
+      updates_in_xla=STRATEGY_KINDS[kind] and replicas == 1,
+      deterministic=deterministic) is expected
+
+
+def _cpu_strategies():
+  cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+  return {"one_device": tf.distribute.OneDeviceStrategy(cpus[0]),
+          "mirrored_1": distribute.mirrored_strategy(cpus[:1]),
+          "mirrored_2": distribute.mirrored_strategy(cpus[:2])}
+
+
+def test_the_strategy_facts_the_rule_reads():
+  strategies = _cpu_strategies()
+  assert distribute.compiles_updates_in_xla(strategies["one_device"])
+  assert not distribute.compiles_updates_in_xla(strategies["mirrored_1"])
+  assert not distribute.compiles_updates_in_xla(strategies["mirrored_2"])
+  for strategy in strategies.values():  # CPUs: auto is off.
+    for deterministic in (False, True):
+      assert not distribute.resolve_jit_compile(
+          "auto", strategy, deterministic=deterministic)
+  assert distribute.resolve_jit_compile("true", strategies["mirrored_1"],
+                                        deterministic=False)
+  with pytest.raises(UserError, match="--deterministic cannot be combined"):
+    distribute.resolve_jit_compile("true", strategies["one_device"],
+                                   deterministic=True)
+  with pytest.raises(UserError, match="several CPU replicas"):
+    distribute.resolve_jit_compile("true", strategies["mirrored_2"],
+                                   deterministic=False)
+
+
+def test_one_replica_mirrored_xla_compiles_the_step_but_not_the_update():
+  """What a 1-GPU MirroredStrategy run with XLA does (finding 2): the
+  forward and backward pass in XLA, the update outside it, and it trains."""
+  strategy = _cpu_strategies()["mirrored_1"]
+  _, runner = build_training(
+      strategy=strategy, model_config=ModelConfig(),
+      optimizer_config=OptimizerConfig(),
+      step_config=StepConfig(global_batch_size=16, jit_compile=True),
+      num_classes=10, image_shape=(32, 32, 3), total_steps=4)
+  assert isinstance(runner._replica_gradients, tf.types.experimental.GenericFunction)  # pylint: disable=protected-access
+  assert not isinstance(runner._replica_apply, tf.types.experimental.GenericFunction)  # pylint: disable=protected-access
+  data = data_lib.make_synthetic(num_train=64, num_test=8, seed=0)
+  iterator = iter(strategy.experimental_distribute_dataset(
+      data_lib.make_train_dataset(data, global_batch_size=16, seed=0,
+                                  num_epochs=1)))
+  losses = runner.train_steps(iterator, tf.constant(4))["step_losses"]
+  assert np.all(np.isfinite(losses.numpy()))
+  assert int(runner.optimizer.iterations.numpy()) == 4
+
+
+# GPU selection and memory (finding 4) ----------------------------------------
+
+
+def test_each_local_worker_gets_its_own_gpus():
+  import launch_local
+  assert launch_local.worker_gpus(2, ["0", "1", "2", "3"], None) == ["0", "1"]
+  assert launch_local.worker_gpus(2, ["0", "1", "2", "3"], 2) == ["0,1",
+                                                                  "2,3"]
+  assert launch_local.worker_gpus(2, ["4", "7"], None) == ["4", "7"]
+  # No GPUs: every worker sees none (and TensorFlow uses the CPU).
+  assert launch_local.worker_gpus(3, [], None) == ["", "", ""]
+  assert launch_local.worker_gpus(2, ["0", "1"], 0) == ["", ""]
+  with pytest.raises(ValueError, match="2 workers x 2 GPUs need 4 GPUs but "
+                     "3 are available"):
+    launch_local.worker_gpus(2, ["0", "1", "2"], 2)
+
+
+def test_the_launcher_reads_the_gpus_it_may_use(monkeypatch):
+  import launch_local
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 5")
+  assert launch_local.host_gpus() == ["2", "5"]
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+  assert launch_local.host_gpus() == []
+  monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+  monkeypatch.setenv("PATH", "/nonexistent")  # No nvidia-smi: no GPUs.
+  assert launch_local.host_gpus() == []
+
+
+class _FakeGpu:
+  def __init__(self, index):
+    self.name = f"/physical_device:GPU:{index}"
+    self.device_type = "GPU"
+
+
+def test_num_gpus_hides_the_others_and_memory_growth_is_set(monkeypatch):
+  gpus = [_FakeGpu(i) for i in range(4)]
+  calls = []
+  real_list = tf.config.list_physical_devices
+  monkeypatch.setattr(tf.config, "list_physical_devices",
+                      lambda kind=None: gpus if kind == "GPU"
+                      else real_list(kind))
+  monkeypatch.setattr(tf.config, "set_visible_devices",
+                      lambda devices, kind: calls.append(
+                          ("visible", [d.name[-1] for d in devices], kind)))
+  monkeypatch.setattr(tf.config.experimental, "set_memory_growth",
+                      lambda device, on: calls.append(
+                          ("growth", device.name[-1], on)))
+  distribute.configure_devices(num_gpus=2, gpu_memory_growth=True)
+  assert calls == [("visible", ["0", "1"], "GPU"), ("growth", "0", True),
+                   ("growth", "1", True)]
+  calls.clear()
+  distribute.configure_devices(num_gpus=None)  # All of them, as they are.
+  assert calls == []
+
+
+# No int32 collectives (finding 1) --------------------------------------------
+
+
+@pytest.mark.slow
+def test_no_collective_in_any_graph_carries_int32(tmp_path):
+  """Two real workers trace the train step (keep_short_batch), the eval step
+  and the preemption vote; every all-reduce in those graphs must be a type
+  GPUs take."""
+  import launch_local
+  ports = launch_local.free_ports(2)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  procs = []
+  for i in range(2):
+    procs.append(subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tests", "collective_dtypes.py"),
+         str(tmp_path / f"worker{i}.json")], cwd=REPO,
+        env=dict(env, TF_CONFIG=launch_local.tf_config(ports, i)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  try:
+    for proc in procs:
+      _, err = proc.communicate(timeout=180)
+      assert proc.returncode == 0, err[-3000:]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  with open(tmp_path / "worker0.json") as f:
+    found = json.load(f)
+  by_function = {name for name, _, _ in found}
+  # The graphs do hold collectives (else this test could not fail).
+  assert by_function == {"train_steps", "eval_steps", "preemption_vote"}
+  assert {op for _, op, _ in found} <= {"CollectiveReduceV2"}
+  # int32 is the one type GPU collectives refuse (TensorFlow's
+  # collective_ops_gpu_test.py expects that error); the int64 counts
+  # (examples, correct answers, the confusion matrix) are taken.
+  assert not [c for c in found if c[2] == "int32"], found
+  assert {dtype for _, _, dtype in found} <= {"float32", "int64"}
