@@ -11,7 +11,7 @@ import pytest
 
 from conftest import (assert_bitwise_equal_to_fit, assert_equivalent,
                       assert_loss_fell, run_equivalence_batch)
-from test_equivalence import DATA, DATA_SHORT, STEPS
+from test_equivalence import DATA, DATA_10, DATA_SHORT, STEPS
 
 # A fresh process for the batch of cases.
 pytestmark = pytest.mark.slow
@@ -32,6 +32,9 @@ CASES = {
         "replicas": 2, "fit_replicas": 2, "steps_per_loop": 7, "optimizer": {
             "name": "adamw", "weight_decay": 0.01, "lr_schedule": "step",
             "warmup_steps": 3}}),
+    # What several GPUs run: float16 (a LossScaleOptimizer) on 2 replicas.
+    "mixed_float16": (DATA_10, {"replicas": 2, "fit_replicas": 2,
+                                "dtype": "mixed_float16"}),
     "tiny_mlp": (DATA, {"replicas": 2, "fit_replicas": 2,
                         "model": {"name": "tiny_mlp"}}),
 }
@@ -83,4 +86,11 @@ def test_adamw_and_a_step_schedule_match_fit_bitwise(reports):
 
 def test_a_registered_model_without_a_sequential_twin_matches_fit(reports):
   report = reports["tiny_mlp"]
+  assert_bitwise_equal_to_fit(report)
+
+
+def test_mixed_float16_on_two_replicas_matches_fit(reports):
+  report = reports["mixed_float16"]
+  assert report["mode"] == "same_strategy"
+  assert report["dtype"] == "mixed_float16" and report["steps"] == 10
   assert_bitwise_equal_to_fit(report)
