@@ -1000,25 +1000,44 @@ def eval_steps(num_examples: int, global_batch_size: int) -> int:
 
 
 def make_eval_dataset(data: ArrayData, *, global_batch_size: int,
-                      input_context: tf.distribute.InputContext | None = None
-                      ) -> tf.data.Dataset:
+                      input_context: tf.distribute.InputContext | None = None,
+                      padded: bool = True) -> tf.data.Dataset:
   """The test split, every example exactly once, in order.
+
+  Every batch is full: the last one is padded to ``global_batch_size`` with
+  rows of weight 0, so that every replica gets the same number of rows in
+  every step. A short last batch would otherwise leave some replicas with
+  none (CIFAR-10's 10,000 images on 8 replicas of 32 end in 16 rows), an
+  empty batch some GPU kernels have failed on, and a new shape that XLA
+  would compile again.
 
   Args:
     data: The dataset.
     global_batch_size: Examples per step over all replicas.
     input_context: As in ``make_train_dataset``.
+    padded: False gives ``(images, labels)`` batches with a short last one
+      and no weights, as ``model.evaluate`` takes them.
 
   Returns:
-    A dataset of ``(images, labels)`` per-replica batches; there are
-    ``eval_steps(...)`` steps, the last possibly short (some replicas empty).
+    A dataset of ``(images, labels, weights)`` per-replica batches (float32
+    weights, 1 for a real example, 0 for padding); there are
+    ``eval_steps(...)`` steps.
   """
   images = tf.constant(data.test_images)
   labels = tf.constant(data.test_labels)
-  ds = tf.data.Dataset.range(len(data.test_labels)).map(
-      lambda i: tf.cast(i, tf.int32)).batch(global_batch_size)
+  count = len(data.test_labels)
+  size = (eval_steps(count, global_batch_size) * global_batch_size
+          if padded else count)
+  # Index -1 marks padding (it gathers example 0, weighted 0).
+  ds = tf.data.Dataset.range(size).map(
+      lambda i: tf.where(i < count, tf.cast(i, tf.int32), -1)
+  ).batch(global_batch_size)
   ds = _split_for_replicas(ds, global_batch_size, input_context)
-  return (ds.map(lambda i: (to_float(tf.gather(images, i)),
-                            tf.gather(labels, i)),
-                 num_parallel_calls=tf.data.AUTOTUNE)
+
+  def rows(i):
+    real = tf.maximum(i, 0)
+    out = (to_float(tf.gather(images, real)), tf.gather(labels, real))
+    return out + (tf.cast(i >= 0, tf.float32),) if padded else out
+
+  return (ds.map(rows, num_parallel_calls=tf.data.AUTOTUNE)
           .prefetch(tf.data.AUTOTUNE).with_options(_options()))

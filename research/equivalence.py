@@ -299,7 +299,8 @@ def _run_fit(config, data, strategy, initial_weights, train_dataset,
   recorder = _PerBatchLoss()
   seq.fit(train_dataset(), epochs=1, steps_per_epoch=steps, verbose=0,
           callbacks=[recorder], shuffle=False)
-  evaluated = seq.evaluate(eval_dataset(), verbose=0, return_dict=True)
+  evaluated = seq.evaluate(eval_dataset(padded=False), verbose=0,
+                           return_dict=True)
   num_test = len(data.test_labels)
   evaluation = {"loss": float(evaluated["loss"]),
                 "accuracy": float(evaluated["accuracy"]),
@@ -368,10 +369,10 @@ def _run(config: EquivalenceConfig, data: data_lib.ArrayData,
         data, global_batch_size=config.global_batch_size, seed=config.seed,
         num_epochs=epochs, drop_remainder=drop, input_context=input_context)
 
-  def eval_dataset(input_context=None):
+  def eval_dataset(input_context=None, padded=True):
     return data_lib.make_eval_dataset(
         data, global_batch_size=config.global_batch_size,
-        input_context=input_context)
+        input_context=input_context, padded=padded)
 
   tf.keras.utils.set_random_seed(config.seed)
   initial_weights = [w.numpy() for w in model_lib.create(

@@ -197,13 +197,16 @@ class StepRunner:
                                             use_norm=norm)
     return loss, gradients, correct, tf.size(labels, tf.int64), norm
 
-  def _replica_eval_step(self, images, labels):
+  def _replica_eval_step(self, images, labels, weights):
+    # weights: 1 for a real example, 0 for the padding of the last batch
+    # (data.make_eval_dataset), which then counts nowhere.
     logits = tf.cast(self.model(images, training=False), self.loss_dtype)
-    loss_sum = tf.reduce_sum(self.loss_fn(labels, logits))
+    loss_sum = tf.reduce_sum(self.loss_fn(labels, logits) *
+                             tf.cast(weights, self.loss_dtype))
     predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
     confusion = tf.math.confusion_matrix(
         tf.cast(labels, tf.int32), predicted, num_classes=logits.shape[-1],
-        dtype=tf.int64)
+        weights=tf.cast(weights, tf.int64), dtype=tf.int64)
     return loss_sum, confusion
 
   def _replica_apply_step(self, gradients):

@@ -241,5 +241,10 @@ def test_eval_covers_every_example_once(workers, replicas):
     elements = list(data_lib.make_eval_dataset(data, global_batch_size=8,
                                                input_context=ctx))
     assert len(elements) == data_lib.eval_steps(13, 8) * (replicas // workers)
-    seen += [_ids(x.numpy()) for x, _ in elements]
+    # Every replica batch is full (the last one padded, weight 0): no
+    # replica ever gets an empty batch.
+    assert all(len(x) == 8 // replicas for x, _, _ in elements)
+    seen += [_ids(x.numpy())[w.numpy() == 1] for x, _, w in elements]
+    assert sum(float(np.sum(w)) for _, _, w in elements) == (
+        13 if workers == 1 else len(np.concatenate(seen[-len(elements):])))
   assert sorted(np.concatenate(seen)) == list(range(13))

@@ -182,3 +182,38 @@ def test_no_collective_in_any_graph_carries_int32(tmp_path):
   # (examples, correct answers, the confusion matrix) are taken.
   assert not [c for c in found if c[2] == "int32"], found
   assert {dtype for _, _, dtype in found} <= {"float32", "int64"}
+
+
+# No empty replica batch (finding 6) ------------------------------------------
+
+
+def test_a_last_eval_batch_smaller_than_the_replicas_share_is_counted_once():
+  """11 test examples, a global batch of 8 on 2 replicas: the last batch
+  has 3 rows, which consecutive slices gave all to replica 0 (replica 1
+  empty). Padded with weight-0 rows, each replica gets 4 rows, and the
+  result is that of the 11 real examples alone."""
+  strategy = _cpu_strategies()["mirrored_2"]
+  _, runner = build_training(
+      strategy=strategy, model_config=ModelConfig(),
+      optimizer_config=OptimizerConfig(),
+      step_config=StepConfig(global_batch_size=8), num_classes=10,
+      image_shape=(32, 32, 3), total_steps=1)
+  data = data_lib.make_synthetic(num_train=16, num_test=11, seed=3)
+  shapes = [[int(images.shape[0]) for images in
+             strategy.experimental_local_results(step[0])]
+            for step in strategy.distribute_datasets_from_function(
+                lambda context: data_lib.make_eval_dataset(
+                    data, global_batch_size=8, input_context=context))]
+  assert shapes == [[4, 4], [4, 4]]  # Steps x replicas.
+  result = runner.evaluate(
+      strategy.distribute_datasets_from_function(
+          lambda context: data_lib.make_eval_dataset(
+              data, global_batch_size=8, input_context=context)),
+      data_lib.eval_steps(11, 8))
+  logits = runner.model(data_lib.to_float(data.test_images))
+  predicted = np.argmax(logits.numpy(), axis=-1)
+  assert result["count"] == 11
+  assert result["correct"] == int(np.sum(predicted == data.test_labels))
+  expected_loss = float(tf.reduce_mean(runner.loss_fn(data.test_labels,
+                                                      logits)))
+  np.testing.assert_allclose(result["loss"], expected_loss, rtol=1e-5)
