@@ -13,7 +13,7 @@ ARGS ?=
 # shared fixtures (a reference run, a batch of equivalence cases) run once.
 PYTEST := $(PY) -m pytest -n 3 --dist loadfile
 
-.PHONY: install train smoke test test-fast bench clean
+.PHONY: install train smoke test test-fast bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ test-fast: install
 # make bench ARGS="--dataset=folder --data_dir=/tmp/cifar10-jpeg"
 bench: install
 	$(PY) scripts/benchmark.py $(ARGS)
+
+# On a GPU machine, after `.venv/bin/pip install -e '.[gpu]'`: the project's
+# commands on its GPUs, as a pass/fail table (BUILD.md, "GPUs").
+gpu-check: install
+	$(PY) scripts/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -28,6 +28,13 @@ def exit_with_error(message: str, status: int = 2) -> None:
   sys.exit(status)
 
 
+def refuse_arguments(args: list[str]) -> None:
+  """Exits with one error line if a flags-only script got other arguments."""
+  if args:
+    exit_with_error(f"unexpected arguments {args}; this script takes only "
+                    f"flags")
+
+
 def parse_flags_or_exit(argv: list[str],
                         fv: flags.FlagValues = flags.FLAGS) -> list[str]:
   """``app.run``'s flags parser: one error line instead of absl's two.

@@ -51,9 +51,7 @@ def run(fv: flags.FlagValues, args: list[str]) -> None:
     fv: This script's parsed flags.
     args: The arguments that are not flags (there must be none).
   """
-  if args:
-    cli.exit_with_error(f"unexpected arguments {args}; this script takes "
-                        f"only flags")
+  cli.refuse_arguments(args)
   from research import data as data_lib
   from research import export as export_lib
   try:
