@@ -17,7 +17,6 @@ PYTEST := $(PY) -m pytest -n 3 --dist loadfile
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[test]'
 	touch $@
 
