@@ -6,6 +6,12 @@ leaves the previous checkpoint as the latest, and a save that fails (a full
 disk) leaves the earlier ones intact. ``restore_latest`` additionally falls
 back to an older checkpoint when the newest cannot be read, and refuses a
 checkpoint of a different model without touching anything.
+
+The checks every reader of checkpoints uses (the trainer's resume,
+scripts/export.py, scripts/predict.py on an export's variables) live here
+too: ``read_state`` (the state file), ``check_checkpoint_files`` (the files
+exist and open, nothing read) and ``check_checkpoint`` (every tensor read);
+each names the bad file in one line.
 """
 
 from __future__ import annotations
