@@ -117,9 +117,9 @@ class StepRunner:
         dtype=self.loss_dtype)
     # XLA compiles the forward and backward pass, and separately the update
     # where the strategy allows it (distribute.compiles_updates_in_xla: not
-    # over mirrored variables, which one XLA cluster cannot span). Without XLA the
-    # replica functions are plain Python, traced into the caller: nested
-    # tf.functions must not hold a cross-replica synchronization point.
+    # over mirrored variables). Without XLA the replica functions are plain
+    # Python, traced into the caller: nested tf.functions must not hold a
+    # cross-replica synchronization point.
     self._replica_gradients = (
         tf.function(self._replica_gradients_step, jit_compile=True)
         if jit_compile else self._replica_gradients_step)
