@@ -225,9 +225,9 @@ def recover_interrupted_export(export_dir: str) -> None:
   ``_publish``'s fallback, and removes unfinished new versions. Only the one
   writer of ``export_dir`` may call it (a training run holds its run lock).
   """
-  old = _siblings(export_dir, "old")
+  old = _siblings(export_dir, "old")  # At most one: each export recovers.
   if old and not os.path.lexists(export_dir):
-    os.rename(old[-1], export_dir)
+    os.rename(old[0], export_dir)
     logging.warning("put back the export %s that an interrupted export had "
                     "moved aside", export_dir)
   for leftover in _siblings(export_dir, "old") + _siblings(export_dir, "tmp"):
