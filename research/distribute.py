@@ -258,8 +258,20 @@ def resolve_jit_compile(setting: str, strategy: tf.distribute.Strategy, *,
     raise UserError("--deterministic cannot be combined with XLA "
                     "(--jit_compile=true): TensorFlow has no deterministic "
                     "XLA MaxPool gradient; pass --jit_compile=false or auto")
-  if device.device_type == "CPU" and strategy.num_replicas_in_sync > 1:
-    raise UserError("--jit_compile=true with several CPU replicas is not "
-                    "supported by TensorFlow (an XLA cluster cannot use "
-                    "variables of another logical CPU); drop one of them")
+  refuse_xla_over_cpus(device.device_type or "CPU",
+                       strategy.num_replicas_in_sync)
   return True
+
+
+def refuse_xla_over_cpus(device_type: str, replicas: int) -> None:
+  """Refuses XLA over several logical CPU replicas.
+
+  Raises:
+    UserError: if ``device_type`` is CPU and ``replicas`` > 1 (an XLA
+      cluster cannot use variables of another logical CPU).
+  """
+  if device_type == "CPU" and replicas > 1:
+    raise UserError("--jit_compile with several CPU replicas is not "
+                    "supported by TensorFlow (an XLA cluster cannot use "
+                    "variables of another logical CPU); use it with one "
+                    "replica, or on GPUs")

@@ -117,11 +117,8 @@ def main(argv):
     if len(gpus) < need:
       distribute.configure_devices(cpu_replicas=need)
     kind = "GPU" if len(gpus) >= need else "CPU"
-    if FLAGS.jit_compile and kind == "CPU" and need > 1:
-      raise UserError("--jit_compile with several logical CPU replicas is not "
-                      "supported by TensorFlow (an XLA cluster cannot use "
-                      "variables of another logical CPU); use it with one "
-                      "replica, or on GPUs")
+    if FLAGS.jit_compile:
+      distribute.refuse_xla_over_cpus(kind, need)
     devices = [d.name for d in tf.config.list_logical_devices(kind)]
     if not FLAGS.jit_compile:
       # TensorFlow refuses XLA's MaxPool gradient under op determinism; XLA
