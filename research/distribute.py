@@ -194,6 +194,29 @@ def describe(strategy: tf.distribute.Strategy) -> str:
           f"({', '.join(devices)}){where}")
 
 
+def device_type(strategy: tf.distribute.Strategy) -> str:
+  """The replicas' device type: ``"CPU"``, ``"GPU"`` or ``"TPU"``."""
+  try:
+    first = strategy.extended.worker_devices[0]
+  except RuntimeError:
+    # The default strategy has no device list: it runs where TensorFlow
+    # places ops, on the first GPU if there is one.
+    return "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+  return tf.DeviceSpec.from_string(first).device_type or "CPU"
+
+
+def preprocesses_on_device(strategy: tf.distribute.Strategy) -> bool:
+  """Whether the step, not the input pipeline, turns pixels into floats
+  (and augments them): on accelerators.
+
+  There, the uint8 pixels cross to the device, a quarter of the float32
+  bytes, and the cast and augmentation run beside the step's own work. On
+  CPUs nothing crosses, and the pipeline's threads do that work in parallel
+  with the step instead of in it.
+  """
+  return device_type(strategy) != "CPU"
+
+
 def compiles_updates_in_xla(strategy: tf.distribute.Strategy) -> bool:
   """Whether the optimizer's update may run inside an XLA cluster under
   ``strategy``: only with one replica and no mirrored variables.
@@ -245,10 +268,9 @@ def resolve_jit_compile(setting: str, strategy: tf.distribute.Strategy, *,
     UserError: if XLA is asked for (``true``) where it cannot run: with
       ``deterministic``, or over several logical CPUs.
   """
-  device = tf.DeviceSpec.from_string(strategy.extended.worker_devices[0])
   if setting == "auto":
     return auto_jit_compile(
-        device_type=device.device_type or "CPU",
+        device_type=device_type(strategy),
         replicas=strategy.num_replicas_in_sync,
         updates_in_xla=compiles_updates_in_xla(strategy),
         deterministic=deterministic)
@@ -258,8 +280,7 @@ def resolve_jit_compile(setting: str, strategy: tf.distribute.Strategy, *,
     raise UserError("--deterministic cannot be combined with XLA "
                     "(--jit_compile=true): TensorFlow has no deterministic "
                     "XLA MaxPool gradient; pass --jit_compile=false or auto")
-  refuse_xla_over_cpus(device.device_type or "CPU",
-                       strategy.num_replicas_in_sync)
+  refuse_xla_over_cpus(device_type(strategy), strategy.num_replicas_in_sync)
   return True
 
 

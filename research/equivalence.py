@@ -261,14 +261,18 @@ def _run_loop(config, data, strategy, initial_weights, train_dataset,
       if faulty else None)
   for w, value in zip(state.model.weights, initial_weights):
     w.assign(value)
-  iterator = iter(strategy.distribute_datasets_from_function(train_dataset))
+  in_pipeline = not distribute.preprocesses_on_device(strategy)
+  iterator = iter(strategy.distribute_datasets_from_function(
+      lambda context: train_dataset(context, in_pipeline)))
   losses = []
   while len(losses) < steps:
     n = min(config.steps_per_loop, steps - len(losses))
     losses += runner.train_steps(
         iterator, tf.constant(n))["step_losses"].numpy().tolist()
   evaluation = runner.evaluate(
-      strategy.distribute_datasets_from_function(eval_dataset),
+      strategy.distribute_datasets_from_function(
+          lambda context: eval_dataset(
+              context, preprocess_in_pipeline=in_pipeline)),
       data_lib.eval_steps(len(data.test_labels), config.global_batch_size))
   return losses, state.model, evaluation
 
@@ -364,15 +368,20 @@ def _run(config: EquivalenceConfig, data: data_lib.ArrayData,
   steps = config.steps or epoch_steps
   epochs = -(-steps // epoch_steps)
 
-  def train_dataset(input_context=None):
+  # fit's pipelines preprocess; the loop's leave it to the step where the
+  # trainer's would (distribute.preprocesses_on_device).
+  def train_dataset(input_context=None, preprocess_in_pipeline=True):
     return data_lib.make_train_dataset(
         data, global_batch_size=config.global_batch_size, seed=config.seed,
-        num_epochs=epochs, drop_remainder=drop, input_context=input_context)
+        num_epochs=epochs, drop_remainder=drop, input_context=input_context,
+        preprocess_in_pipeline=preprocess_in_pipeline)
 
-  def eval_dataset(input_context=None, padded=True):
+  def eval_dataset(input_context=None, padded=True,
+                   preprocess_in_pipeline=True):
     return data_lib.make_eval_dataset(
         data, global_batch_size=config.global_batch_size,
-        input_context=input_context, padded=padded)
+        input_context=input_context, padded=padded,
+        preprocess_in_pipeline=preprocess_in_pipeline)
 
   tf.keras.utils.set_random_seed(config.seed)
   initial_weights = [w.numpy() for w in model_lib.create(

@@ -10,7 +10,11 @@ This is the heart of the custom loop, written the way the TensorFlow tutorial
   global mean loss;
 - one ``tf.function`` call runs ``num_steps`` steps in a ``tf.range`` loop over
   a tensor count, so it is traced once and Python overhead is paid per call,
-  not per step.
+  not per step;
+- a step waits on the device once: to decide whether its update is applied
+  (the non-finite guard). Its loss, accuracy counts and gradients travel in
+  one all-reduce, and the step itself can turn uint8 pixels into its input
+  (``data.preprocess``) on its device.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from research import data as data_lib
 from research import distribute
 from research import optim
 from research.options import NAN_POLICIES
@@ -173,7 +178,9 @@ class StepRunner:
       loss += tf.nn.scale_regularization_loss(self._regularization())
     return loss
 
-  def _replica_gradients_step(self, images, labels, global_batch_size):
+  def _replica_gradients_step(self, images, labels, global_batch_size,
+                              augmentation=()):
+    images = _model_input(images, augmentation)
     with tf.GradientTape() as tape:
       logits = tf.cast(self.model(images, training=True), self.loss_dtype)
       loss = self.replica_loss(labels, logits, global_batch_size)
@@ -182,11 +189,17 @@ class StepRunner:
     gradients = tape.gradient(scaled_loss, self.model.trainable_variables)
     return loss, gradients, _num_correct(logits, labels)
 
-  def _replica_forward_backward(self, images, labels):
+  def _replica_forward_backward(self, images, labels, *augmentation):
     loss, gradients, correct = self._replica_gradients(
-        images, labels, self._step_batch_size(labels))
-    gradients = tf.distribute.get_replica_context().all_reduce(_SUM,
-                                                               gradients)
+        images, labels, self._step_batch_size(labels), augmentation)
+    # One all-reduce for everything the step sums over replicas (exact for
+    # the counts: below 2**24 examples a step). Every replica then holds the
+    # global values, so the host reads any local copy, without a reduction
+    # of its own (under MultiWorkerMirroredStrategy each is a collective).
+    totals = tf.stack([loss, tf.cast(correct, self.loss_dtype),
+                       tf.cast(tf.size(labels), self.loss_dtype)])
+    gradients, totals = tf.distribute.get_replica_context().all_reduce(
+        _SUM, (gradients, totals))
     if self._loss_scaling:
       # The scale is a power of two, so unscaling after the sum is exact.
       scale = tf.convert_to_tensor(self.optimizer.dynamic_scale)
@@ -195,19 +208,26 @@ class StepRunner:
     if self.clip_grad_norm:
       gradients, _ = tf.clip_by_global_norm(gradients, self.clip_grad_norm,
                                             use_norm=norm)
-    return loss, gradients, correct, tf.size(labels, tf.int64), norm
+    return totals, gradients, norm
 
   def _replica_eval_step(self, images, labels, weights):
     # weights: 1 for a real example, 0 for the padding of the last batch
     # (data.make_eval_dataset), which then counts nowhere.
+    images = _model_input(images, ())
     logits = tf.cast(self.model(images, training=False), self.loss_dtype)
     loss_sum = tf.reduce_sum(self.loss_fn(labels, logits) *
                              tf.cast(weights, self.loss_dtype))
     predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    # Counted in the loss's float type (exact below 2**24 a step) so that
+    # the loss and the counts travel in one all-reduce.
     confusion = tf.math.confusion_matrix(
         tf.cast(labels, tf.int32), predicted, num_classes=logits.shape[-1],
-        weights=tf.cast(weights, tf.int64), dtype=tf.int64)
+        weights=weights, dtype=self.loss_dtype)
     return loss_sum, confusion
+
+  def _replica_evaluate(self, images, labels, weights):
+    return tf.distribute.get_replica_context().all_reduce(
+        _SUM, self._replica_eval(images, labels, weights))
 
   def _replica_apply_step(self, gradients):
     if self._loss_scaling:
@@ -251,18 +271,18 @@ class StepRunner:
     for i in tf.range(num_steps):
       if self.nan_policy == "stop" and nonfinite_step >= 0:
         break
-      loss, gradients, step_correct, step_count, norm = self.strategy.run(
+      totals, gradients, norm = self.strategy.run(
           self._replica_forward_backward, args=next(iterator))
-      step_loss = self.strategy.reduce(_SUM, loss, axis=None)
-      # Every replica holds the same all-reduced gradient, hence the same
-      # norm: any local copy will do, without another collective.
+      # Every replica holds the same all-reduced values: take the first.
+      totals = self.strategy.experimental_local_results(totals)[0]
+      step_loss = totals[0]
       norm = tf.cast(self.strategy.experimental_local_results(norm)[0],
                      self.loss_dtype)
       losses = losses.write(i, step_loss)
       norms = norms.write(i, norm)
       rates = rates.write(i, optim.current_learning_rate(self.optimizer))
-      correct += self.strategy.reduce(_SUM, step_correct, axis=None)
-      count += self.strategy.reduce(_SUM, step_count, axis=None)
+      correct += tf.cast(totals[1], tf.int64)
+      count += tf.cast(totals[2], tf.int64)
       if self._loss_scaling:
         # Overflowing float16 gradients are routine: the LossScaleOptimizer
         # skips them and lowers its scale. A non-finite loss is counted.
@@ -270,6 +290,11 @@ class StepRunner:
       else:
         good = tf.logical_and(tf.math.is_finite(step_loss),
                               tf.math.is_finite(norm))
+      # The step's one wait on the device: an update with a non-finite
+      # value must never be applied. (Applying it and restoring every
+      # variable and slot when not finite would not wait, but would copy all
+      # of them every step: more than the wait costs on a GPU for any but
+      # the smallest models.)
       if good:
         self.strategy.run(self._replica_apply, args=(gradients,))
         if self.keep_last_gradients:
@@ -299,11 +324,10 @@ class StepRunner:
     num_classes = self.num_classes
     confusion = tf.zeros([num_classes, num_classes], tf.int64)
     for _ in tf.range(num_steps):
-      step_loss_sum, step_confusion = self.strategy.run(
-          self._replica_eval, args=next(iterator))
-      loss_sum += tf.cast(self.strategy.reduce(_SUM, step_loss_sum, axis=None),
-                          tf.float64)
-      confusion += self.strategy.reduce(_SUM, step_confusion, axis=None)
+      step_loss_sum, step_confusion = self.strategy.experimental_local_results(
+          self.strategy.run(self._replica_evaluate, args=next(iterator)))[0]
+      loss_sum += tf.cast(step_loss_sum, tf.float64)
+      confusion += tf.cast(step_confusion, tf.int64)
     return {"loss_sum": loss_sum, "confusion": confusion}
 
   def evaluate(self, dist_dataset, num_steps: int, steps_per_call: int = 100
@@ -344,6 +368,14 @@ class StepRunner:
             "accuracy": correct / max(count, 1),
             "correct": correct, "count": count, "confusion": confusion,
             "class_accuracy": class_accuracy}
+
+
+def _model_input(images, augmentation):
+  """What the model takes: uint8 pixels are preprocessed here, on the
+  replica's device (``data.preprocess``); float images came preprocessed."""
+  if images.dtype != tf.uint8:
+    return images
+  return data_lib.preprocess(images, *augmentation)
 
 
 def _num_correct(logits, labels):

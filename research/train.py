@@ -142,6 +142,7 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
     summaries = SummaryManager(model_dir=config.model_dir, enabled=chief)
     summaries.hparams(hparams_of(config), trial_id=os.path.basename(
         os.path.abspath(config.model_dir)))
+    in_pipeline = not distribute.preprocesses_on_device(strategy)
     trainer = StepTrainer(
         runner=runner, state=state,
         train_dataset=strategy.distribute_datasets_from_function(
@@ -150,11 +151,12 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
                 seed=config.seed, num_epochs=config.loop.epochs,
                 start_step=state.step,
                 drop_remainder=not config.step.keep_short_batch,
-                augment=config.data.augment, input_context=context)),
+                augment=config.data.augment, input_context=context,
+                preprocess_in_pipeline=in_pipeline)),
         eval_dataset=strategy.distribute_datasets_from_function(
             lambda context: data_lib.make_eval_dataset(
                 data, global_batch_size=config.step.global_batch_size,
-                input_context=context)),
+                input_context=context, preprocess_in_pipeline=in_pipeline)),
         num_eval_steps=data_lib.eval_steps(len(data.test_labels),
                                            config.step.global_batch_size),
         steps_per_eval_call=config.loop.steps_per_loop)

@@ -34,7 +34,7 @@ def collectives(concrete) -> list[tuple[str, str]]:
   graph = concrete.graph.as_graph_def()
   nodes = list(graph.node) + [node for function in graph.library.function
                               for node in function.node_def]
-  return [(node.op, tf.dtypes.as_dtype(node.attr["T"].type).name)
+  return [(node.op, tf.dtypes.as_dtype(node.attr["T"].type).name, node.name)
           for node in nodes
           if node.op.startswith(("Collective", "Nccl")) and "T" in node.attr]
 
@@ -64,8 +64,8 @@ def main(out_path: str) -> None:
       "preemption_vote": watcher._vote.get_concrete_function(  # pylint: disable=protected-access
           watcher.vote_input(0)),
   }
-  write_json(out_path, [[name, op, dtype] for name, function in traced.items()
-                        for op, dtype in collectives(function)])
+  write_json(out_path, [[name, op, dtype, node] for name, function in traced.items()
+                        for op, dtype, node in collectives(function)])
 
 
 if __name__ == "__main__":

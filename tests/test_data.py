@@ -182,6 +182,21 @@ def test_resuming_at_a_step_replays_exactly_the_rest():
       np.testing.assert_array_equal(a, b)
 
 
+def test_augmenting_pixels_is_exactly_augmenting_their_floats():
+  """The step may augment uint8 pixels on its device (data.preprocess):
+  crops, zero padding and flips move values without arithmetic."""
+  data = data_lib.make_synthetic(num_train=64, num_test=8, seed=0)
+  pixels = tf.constant(data.train_images[:16])
+  offsets = tf.random.stateless_uniform([16, 2], [1, 2], maxval=9,
+                                        dtype=tf.int32)
+  flips = tf.random.stateless_uniform([16], [3, 4]) < 0.5
+  got = data_lib.preprocess(pixels, offsets, flips).numpy()
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(got, data_lib._augment(  # pylint: disable=protected-access
+      data_lib.to_float(pixels), offsets, flips).numpy())
+  assert not np.array_equal(got, data_lib.to_float(pixels).numpy())
+
+
 def test_augmentation_crops_and_flips_within_padding():
   data = data_lib.make_synthetic(num_train=64, num_test=8, seed=0)
   plain = data_lib.make_train_dataset(data, global_batch_size=64, seed=1,

@@ -5,11 +5,13 @@ combination, including GPU ones; what depends on a real strategy is tested
 on the logical CPUs.
 """
 
+import collections
 import itertools
 import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -173,15 +175,25 @@ def test_no_collective_in_any_graph_carries_int32(tmp_path):
         proc.kill()
   with open(tmp_path / "worker0.json") as f:
     found = json.load(f)
-  by_function = {name for name, _, _ in found}
+  by_function = {name for name, _, _, _ in found}
   # The graphs do hold collectives (else this test could not fail).
   assert by_function == {"train_steps", "eval_steps", "preemption_vote"}
-  assert {op for _, op, _ in found} <= {"CollectiveReduceV2"}
+  assert {op for _, op, _, _ in found} <= {"CollectiveReduceV2"}
   # int32 is the one type GPU collectives refuse (TensorFlow's
   # collective_ops_gpu_test.py expects that error); the int64 counts
   # (examples, correct answers, the confusion matrix) are taken.
   assert not [c for c in found if c[2] == "int32"], found
-  assert {dtype for _, _, dtype in found} <= {"float32", "int64"}
+  assert {dtype for _, _, dtype, _ in found} <= {"float32", "int64"}
+  # Finding 7: per step, one all-reduce for the gradients, the loss and
+  # the counts together (with keep_short_batch one more, before them, for
+  # the batch size); per evaluation step one for the loss and the confusion
+  # matrix. The int64 one in each is the distributed iterator's own check
+  # for a partial batch. (Before: six a training step, three an eval step.)
+  counts = collections.Counter((name, dtype) for name, _, dtype, _ in found)
+  assert counts == {("train_steps", "float32"): 2,
+                    ("train_steps", "int64"): 1,
+                    ("eval_steps", "float32"): 1, ("eval_steps", "int64"): 1,
+                    ("preemption_vote", "float32"): 1}, found
 
 
 # No empty replica batch (finding 6) ------------------------------------------
@@ -217,3 +229,71 @@ def test_a_last_eval_batch_smaller_than_the_replicas_share_is_counted_once():
   expected_loss = float(tf.reduce_mean(runner.loss_fn(data.test_labels,
                                                       logits)))
   np.testing.assert_allclose(result["loss"], expected_loss, rtol=1e-5)
+
+
+# The step preprocesses on accelerators (finding 7) ---------------------------
+
+
+def _train_and_evaluate(strategy, data, *, in_pipeline):
+  tf.keras.utils.set_random_seed(5)
+  state, runner = build_training(
+      strategy=strategy, model_config=ModelConfig(),
+      optimizer_config=OptimizerConfig(),
+      step_config=StepConfig(global_batch_size=8), num_classes=10,
+      image_shape=(32, 32, 3), total_steps=6)
+  train = iter(strategy.distribute_datasets_from_function(
+      lambda context: data_lib.make_train_dataset(
+          data, global_batch_size=8, seed=2, num_epochs=3, augment=True,
+          input_context=context, preprocess_in_pipeline=in_pipeline)))
+  element = next(iter(strategy.distribute_datasets_from_function(
+      lambda context: data_lib.make_train_dataset(
+          data, global_batch_size=8, seed=2, num_epochs=1, augment=True,
+          input_context=context, preprocess_in_pipeline=in_pipeline))))
+  out = runner.train_steps(train, tf.constant(6))
+  result = runner.evaluate(strategy.distribute_datasets_from_function(
+      lambda context: data_lib.make_eval_dataset(
+          data, global_batch_size=8, input_context=context,
+          preprocess_in_pipeline=in_pipeline)), data_lib.eval_steps(11, 8))
+  return (element, out["step_losses"].numpy(),
+          [v.numpy() for v in state.model.weights], result)
+
+
+@pytest.mark.parametrize("kind", ["one_device", "mirrored_2"])
+def test_preprocessing_in_the_step_trains_exactly_as_in_the_pipeline(kind):
+  """What GPUs get: uint8 pixels (and the drawn crops and flips) cross to
+  the device and the step preprocesses them; on the logical CPUs, forced,
+  it gives bitwise the same steps, weights and evaluation."""
+  strategy = _cpu_strategies()[kind]
+  data = data_lib.make_synthetic(num_train=24, num_test=11, seed=4)
+  on_host = _train_and_evaluate(strategy, data, in_pipeline=True)
+  on_device = _train_and_evaluate(strategy, data, in_pipeline=False)
+  # What crosses: uint8 pixels, a quarter of the bytes, with the draws.
+  pixels, _, offsets, flips = on_device[0]
+  assert strategy.experimental_local_results(pixels)[0].dtype == tf.uint8
+  assert strategy.experimental_local_results(offsets)[0].shape == (
+      8 // strategy.num_replicas_in_sync, 2)
+  assert strategy.experimental_local_results(on_host[0][0])[0].dtype == (
+      tf.float32)
+  np.testing.assert_array_equal(on_device[1], on_host[1])
+  assert np.all(np.isfinite(on_host[1]))
+  for device_weight, host_weight in zip(on_device[2], on_host[2]):
+    np.testing.assert_array_equal(device_weight, host_weight)
+  for key in ("loss", "correct", "count"):
+    assert on_device[3][key] == on_host[3][key]
+  np.testing.assert_array_equal(on_device[3]["confusion"],
+                                on_host[3]["confusion"])
+
+
+def test_the_step_preprocesses_on_accelerators_only():
+  assert not distribute.preprocesses_on_device(
+      _cpu_strategies()["mirrored_2"])
+  assert not distribute.preprocesses_on_device(tf.distribute.get_strategy())
+  assert distribute.device_type(_cpu_strategies()["one_device"]) == "CPU"
+
+  class OnGpus:  # What a MirroredStrategy over two GPUs reports.
+    extended = types.SimpleNamespace(worker_devices=(
+        "/job:localhost/replica:0/task:0/device:GPU:0",
+        "/job:localhost/replica:0/task:0/device:GPU:1"))
+
+  assert distribute.device_type(OnGpus()) == "GPU"
+  assert distribute.preprocesses_on_device(OnGpus())
