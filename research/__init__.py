@@ -11,7 +11,9 @@ Modules, one concern each:
 - ``steps``: the replica train/eval steps and the multi-step ``tf.function``s.
 - ``model``: the models and their registry (the CIFAR-10 ConvNet and the
   seed's Sequential form).
-- ``data``: data sources and their registry, and the ``tf.data`` pipeline.
+- ``data``: data sources and their registry, the validation split, and the
+  ``tf.data`` pipeline.
+- ``calibration``: NLL, Brier score and expected calibration error.
 - ``registry``: the named registries behind ``--model`` and ``--dataset``.
 - ``optim``: optimizers and learning-rate schedules.
 - ``distribute``: choosing and creating the ``tf.distribute`` strategy.

@@ -103,8 +103,10 @@ def run_actions(config: TrainConfig, *, state: TrainingState,
       EvalImageReporter(
           summaries=summaries, model=state.model,
           class_names=data.class_names,
-          sample_images=(data.test_images[:reporting.eval_images],
-                         data.test_labels[:reporting.eval_images])),
+          sample_images={
+              name: tuple(array[:reporting.eval_images]
+                          for array in data.eval_set(name))
+              for name in data.eval_set_names}),
   ]
   if reporting.histogram_every_steps:
     actions.append(HistogramReporter(

@@ -46,6 +46,9 @@ class DataConfig:
     augment: Random crop (4-pixel padding) and horizontal flip in training.
     max_image_pixels: ``folder``: refuse an image whose header claims more
       pixels (height x width), before decoding it (a decompression bomb).
+    validation_size: Training examples held out as the ``validation`` set
+      (``data.split_validation``: stratified, the same for every seed);
+      0 for none.
   """
   dataset: str = "cifar10"
   data_dir: str | None = None
@@ -55,10 +58,12 @@ class DataConfig:
   augment: bool = False
   # data.DEFAULT_MAX_IMAGE_PIXELS (this module imports no TensorFlow).
   max_image_pixels: int = 4096 * 4096
+  validation_size: int = 0
 
   def __post_init__(self):
     _at_least(self, 1, "synthetic_train_size", "synthetic_test_size",
               "max_image_pixels")
+    _at_least(self, 0, "validation_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,16 +165,27 @@ class LoopConfig:
     eval_every_steps: Also evaluate every this many steps (0: epochs only).
     checkpoint_every_steps: Save every this many steps (0: only at the end).
     keep_checkpoints: Newest checkpoints to keep.
+    eval_sets: The sets evaluated during training (``options.EVAL_SETS``).
+    final_eval_sets: The sets evaluated once after the last step (with
+      those of ``eval_sets`` at that step).
   """
   epochs: int = 10
   steps_per_loop: int = 100
   eval_every_steps: int = 0
   checkpoint_every_steps: int = 1000
   keep_checkpoints: int = 3
+  eval_sets: tuple[str, ...] = ("test",)
+  final_eval_sets: tuple[str, ...] = ("test",)
 
   def __post_init__(self):
     _at_least(self, 1, "epochs", "steps_per_loop", "keep_checkpoints")
     _at_least(self, 0, "eval_every_steps", "checkpoint_every_steps")
+    for name in ("eval_sets", "final_eval_sets"):
+      sets = getattr(self, name)
+      if not sets or len(set(sets)) != len(sets) or not set(sets) <= set(
+          options.EVAL_SETS):
+        raise ValueError(f"{name} must be distinct names among "
+                         f"{options.EVAL_SETS}, got {tuple(sets)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +234,10 @@ class TrainConfig:
   reporting: ReportingConfig = ReportingConfig()
 
   def __post_init__(self):
+    wanted = set(self.loop.eval_sets) | set(self.loop.final_eval_sets)
+    if "validation" in wanted and not self.data.validation_size:
+      raise ValueError("the validation set is evaluated but validation_size "
+                       "is 0: hold examples out with validation_size")
     if self.deterministic and self.step.jit_compile:
       raise ValueError("deterministic and jit_compile cannot both be on: "
                        "TensorFlow has no deterministic XLA MaxPool gradient")
@@ -231,6 +251,17 @@ _PART_TYPES = {"data": DataConfig, "model": ModelConfig,
                "optimizer": OptimizerConfig, "step": StepConfig,
                "loop": LoopConfig, "reporting": ReportingConfig}
 _TOP_LEVEL = ("model_dir", "seed", "deterministic")
+
+
+def default_eval_sets(validation_size: int
+                      ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """``(eval_sets, final_eval_sets)`` when none are given: with a
+  validation split, validation during training and the test set once at
+  the end; without one, the test set throughout (the seed's
+  ``fit(validation_data=test)``)."""
+  if validation_size:
+    return ("validation",), ("validation", "test")
+  return ("test",), ("test",)
 
 
 def _flat_name(part: str, field: str) -> str:

@@ -8,7 +8,8 @@ each call decides, in this order:
 1. stop on a non-finite step (``stop_on_nonfinite``), saving nothing;
 2. the train actions;
 3. evaluate (at the end of each epoch and every ``eval_every_steps``), then
-   the eval actions;
+   the eval actions; after the last step, also the ``final_evaluator``'s
+   sets (the test set of a run that selects on validation);
 4. commit the summaries, then save a checkpoint (every
    ``checkpoint_every_steps`` and at the end), so that the event files never
    lag behind a checkpoint; without periodic checkpoints the summaries are
@@ -47,8 +48,9 @@ class Trainer(Protocol):
 class Evaluator(Protocol):
   """Evaluates the current weights."""
 
-  def evaluate(self) -> dict[str, Any]:
-    """Returns the evaluation's result (passed to the eval actions)."""
+  def evaluate(self) -> dict[str, dict[str, Any]]:
+    """Returns each evaluated set's result, by set name (passed to the
+    eval actions)."""
 
 
 class Checkpointer(Protocol):
@@ -144,7 +146,7 @@ class Evaluation:
 
   Attributes:
     step: The global step of the evaluated weights.
-    result: The evaluator's result.
+    result: The evaluator's result: set name -> that set's result.
     seconds: Wall time of the evaluation.
   """
   step: int
@@ -188,6 +190,7 @@ class Controller:
                summaries: Summaries, actions: Sequence[Action] = (),
                stop_requested: Callable[[], str | None] = lambda: None,
                stop_on_nonfinite: bool = True,
+               final_evaluator: Callable[[], dict[str, Any]] | None = None,
                log: Callable[[str], None] = print):
     """Args:
       trainer: Trains ``n`` steps per call.
@@ -202,6 +205,9 @@ class Controller:
         checkpoint and raises ``Preempted``; None goes on.
       stop_on_nonfinite: A call reporting a non-finite step raises
         ``NonFiniteLossError`` before anything is saved.
+      final_evaluator: Evaluates, once after the last step, the sets that
+        only the end evaluates (as ``Evaluator.evaluate``); its results
+        join the last evaluation's.
       log: Receives the controller's own console lines.
 
     Raises:
@@ -218,6 +224,7 @@ class Controller:
     self.actions = list(actions)
     self.stop_requested = stop_requested
     self.stop_on_nonfinite = stop_on_nonfinite
+    self.final_evaluator = final_evaluator
     self.log = log
 
   def next_call_size(self, step: int) -> int:
@@ -236,7 +243,7 @@ class Controller:
     once (its last evaluation is not in memory).
 
     Returns:
-      The last evaluation.
+      The last evaluation (with the final evaluator's sets added).
 
     Raises:
       NonFiniteLossError: on a non-finite step with ``stop_on_nonfinite``;
@@ -265,6 +272,10 @@ class Controller:
           raise Preempted(self.step, path, signal_name)
       if last is None:
         last = self._evaluate()
+      if self.final_evaluator is not None:
+        extra = self._evaluate(self.final_evaluator)
+        last = Evaluation(self.step, {**last.result, **extra.result},
+                          last.seconds + extra.seconds)
       self.summaries.close()
       for action in self.actions:
         action.at_end(last)
@@ -292,9 +303,10 @@ class Controller:
     for action in self.actions:
       action.after_train(call)
 
-  def _evaluate(self) -> Evaluation:
+  def _evaluate(self, evaluate: Callable[[], dict[str, Any]] | None = None
+                ) -> Evaluation:
     start = time.time()
-    result = self.evaluator.evaluate()
+    result = (evaluate or self.evaluator.evaluate)()
     evaluation = Evaluation(self.step, result, time.time() - start)
     for action in self.actions:
       action.after_evaluation(evaluation)

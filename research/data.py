@@ -61,16 +61,43 @@ class ArrayData:
     test_images: uint8 array ``[M, H, W, C]``.
     test_labels: int32 array ``[M]``.
     class_names: One name per label id.
+    validation_images: uint8 array ``[V, H, W, C]`` held out of the
+      training examples (``split_validation``), or None.
+    validation_labels: int32 array ``[V]``, or None.
   """
   train_images: np.ndarray
   train_labels: np.ndarray
   test_images: np.ndarray
   test_labels: np.ndarray
   class_names: tuple[str, ...]
+  validation_images: np.ndarray | None = None
+  validation_labels: np.ndarray | None = None
 
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
+
+  @property
+  def eval_set_names(self) -> tuple[str, ...]:
+    """The sets that can be evaluated: ``validation`` (if split off) and
+    ``test``."""
+    return (("validation",) if self.validation_labels is not None
+            else ()) + ("test",)
+
+  def eval_set(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(images, labels)`` of the evaluation set ``name``.
+
+    Raises:
+      UserError: for a set this data does not have.
+    """
+    if name not in self.eval_set_names:
+      fix = (" (pass --validation_size=N to hold one out of the training "
+             "examples)" if name == "validation" else "")
+      raise UserError(f"no evaluation set {name!r}; this data has "
+                      f"{', '.join(self.eval_set_names)}{fix}")
+    if name == "validation":
+      return self.validation_images, self.validation_labels
+    return self.test_images, self.test_labels
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -857,6 +884,61 @@ register_dataset("synthetic", lambda config, seed: make_synthetic(
 # The pipeline.
 
 
+# The validation split's own seed: every run of a dataset, whatever its
+# --seed, holds out the same examples.
+VALIDATION_SPLIT_SEED = 20_161_130
+
+
+def split_validation(data: ArrayData, size: int) -> ArrayData:
+  """Holds ``size`` training examples out as the ``validation`` set.
+
+  Stratified: each class gives its share of ``size`` (its fraction of the
+  training examples, rounded by largest remainder so the shares add up to
+  ``size``), drawn by ``VALIDATION_SPLIT_SEED`` alone, so every run of the
+  same data, any ``--seed``, any worker, resumed or not, holds out the same
+  examples. The training examples keep their order, minus those held out.
+
+  Args:
+    data: The dataset (without a validation set).
+    size: Examples to hold out; 0 returns ``data`` unchanged.
+
+  Returns:
+    The data with fewer training examples and a validation set.
+
+  Raises:
+    UserError: if ``size`` is negative, not smaller than the training set,
+      or would leave a class with no training example.
+  """
+  if size == 0:
+    return data
+  labels = data.train_labels
+  n = len(labels)
+  if not 0 < size < n:
+    raise UserError(f"--validation_size={size} must be in [0, {n}): the "
+                    f"training set has {n} examples")
+  counts = np.bincount(labels, minlength=data.num_classes)
+  exact = counts * size / n
+  shares = np.floor(exact).astype(np.int64)
+  # Largest remainders first; ties to the lower class id.
+  order = sorted(range(len(counts)), key=lambda c: (shares[c] - exact[c], c))
+  for c in order[:size - int(shares.sum())]:
+    shares[c] += 1
+  emptied = [data.class_names[c] for c in range(len(counts))
+             if counts[c] and shares[c] >= counts[c]]
+  if emptied:
+    raise UserError(f"--validation_size={size} leaves no training example of "
+                    f"class {', '.join(emptied)}; pass a smaller size")
+  rng = np.random.default_rng(VALIDATION_SPLIT_SEED)
+  held = np.zeros(n, bool)
+  for c in range(len(counts)):
+    members = np.flatnonzero(labels == c)
+    held[rng.permutation(members)[:shares[c]]] = True
+  return dataclasses.replace(
+      data, train_images=data.train_images[~held],
+      train_labels=labels[~held], validation_images=data.train_images[held],
+      validation_labels=labels[held])
+
+
 def steps_per_epoch(num_examples: int, global_batch_size: int,
                     drop_remainder: bool) -> int:
   """Number of training steps in one epoch.
@@ -1033,8 +1115,9 @@ def eval_steps(num_examples: int, global_batch_size: int) -> int:
 def make_eval_dataset(data: ArrayData, *, global_batch_size: int,
                       input_context: tf.distribute.InputContext | None = None,
                       padded: bool = True,
-                      preprocess_in_pipeline: bool = True) -> tf.data.Dataset:
-  """The test split, every example exactly once, in order.
+                      preprocess_in_pipeline: bool = True,
+                      eval_set: str = "test") -> tf.data.Dataset:
+  """An evaluation set, every example exactly once, in order.
 
   Every batch is full: the last one is padded to ``global_batch_size`` with
   rows of weight 0, so that every replica gets the same number of rows in
@@ -1051,15 +1134,16 @@ def make_eval_dataset(data: ArrayData, *, global_batch_size: int,
       and no weights, as ``model.evaluate`` takes them.
     preprocess_in_pipeline: As in ``make_train_dataset``: False yields the
       uint8 pixels.
+    eval_set: Which set (``ArrayData.eval_set``).
 
   Returns:
     A dataset of ``(images, labels, weights)`` per-replica batches (float32
     weights, 1 for a real example, 0 for padding); there are
     ``eval_steps(...)`` steps.
   """
-  images = tf.constant(data.test_images)
-  labels = tf.constant(data.test_labels)
-  count = len(data.test_labels)
+  images, labels = data.eval_set(eval_set)
+  count = len(labels)
+  images, labels = tf.constant(images), tf.constant(labels)
   size = (eval_steps(count, global_batch_size) * global_batch_size
           if padded else count)
   # Index -1 marks padding (it gathers example 0, weighted 0).

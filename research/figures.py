@@ -1,6 +1,6 @@
 """Pictures for TensorBoard's Images tab, drawn with matplotlib (Agg).
 
-Both return a uint8 RGBA batch ``[1, H, W, 4]`` for ``tf.summary.image``.
+Each returns a uint8 RGBA batch ``[1, H, W, 4]`` for ``tf.summary.image``.
 """
 
 from __future__ import annotations
@@ -99,4 +99,38 @@ def confusion_matrix_image(confusion: np.ndarray,
       ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center",
               fontsize=7, color="white" if fraction[i, j] > 0.5 else "black")
   ax.set_title("confusion matrix (row-normalized colour, counts)")
+  return _to_array(figure)
+
+
+def reliability_diagram_image(reliability: dict, ece: float) -> np.ndarray:
+  """Accuracy against confidence per bin (``calibration.metrics``), with
+  the diagonal a perfectly calibrated model would follow.
+
+  Args:
+    reliability: Per bin ``count``, mean ``confidence`` and ``accuracy``
+      (NaN for an empty bin).
+    ece: The expected calibration error, shown in the title.
+
+  Returns:
+    uint8 ``[1, height, width, 4]``.
+  """
+  counts = np.asarray(reliability["count"])
+  accuracy = np.nan_to_num(np.asarray(reliability["accuracy"], float))
+  confidence = np.asarray(reliability["confidence"], float)
+  bins = len(counts)
+  edges = np.arange(bins) / bins
+  figure, ax = plt.subplots(figsize=(4.5, 4.5), dpi=72)
+  figure.subplots_adjust(left=0.15, bottom=0.13, right=0.97, top=0.9)
+  ax.bar(edges, accuracy, width=1 / bins, align="edge", color="tab:blue",
+         edgecolor="black", linewidth=0.5, label="accuracy")
+  filled = counts > 0
+  ax.plot(confidence[filled], confidence[filled], "o", color="tab:red",
+          markersize=3, label="mean confidence")
+  ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=1)
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1)
+  ax.set_xlabel("confidence (top label)")
+  ax.set_ylabel("accuracy")
+  ax.legend(loc="upper left", fontsize=8)
+  ax.set_title(f"reliability ({bins} bins), ECE {ece:.4f}")
   return _to_array(figure)

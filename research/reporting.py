@@ -1,6 +1,7 @@
 """What a run reports: console lines and TensorBoard summaries, as actions.
 
-Tags (TensorBoard runs ``<model_dir>/train`` and ``<model_dir>/eval``):
+Tags (TensorBoard runs ``<model_dir>/train`` and one per evaluation set,
+``<model_dir>/validation`` and ``<model_dir>/test``, so their curves overlay):
 
 - train, every step: ``learning_rate`` (the rate of that step's update),
   ``grad_norm`` (L2 norm of the global gradient, before clipping).
@@ -9,9 +10,10 @@ Tags (TensorBoard runs ``<model_dir>/train`` and ``<model_dir>/eval``):
   ``examples_per_second``, and ``skipped_steps`` under ``nan_policy=skip``.
 - train, every ``histogram_every_steps``: histograms ``weights/<variable>``
   and ``gradients/<variable>`` (the call's last applied gradient).
-- eval, every evaluation: ``loss``, ``accuracy``, ``class_accuracy/<class>``,
-  and images ``predictions`` (a grid of test images, true / predicted) and
-  ``confusion_matrix``.
+- each evaluated set, every evaluation: ``loss``, ``accuracy``, ``class_accuracy/<class>``,
+  ``nll``, ``brier`` and ``ece`` (``calibration``), and images
+  ``predictions`` (a grid of the set's first images, true / predicted),
+  ``confusion_matrix`` and ``reliability_diagram``.
 """
 
 from __future__ import annotations
@@ -117,18 +119,20 @@ class ProgressReporter(Action):
              f"ETA {format_duration(eta)}{skipped_note}")
 
   def after_evaluation(self, evaluation: Evaluation) -> None:
-    """Logs the evaluation's line and queues its scalars."""
-    result, step = evaluation.result, evaluation.step
-    scalars = {"loss": result["loss"], "accuracy": result["accuracy"]}
-    for name, value in zip(self.class_names, result["class_accuracy"]):
-      if np.isfinite(value):
-        scalars[f"class_accuracy/{name}"] = float(value)
-    self.summaries.scalars("eval", scalars, step)
-    self.log(f"eval  step {step}/{self.total_steps} epoch "
-             f"{step / self.steps_per_epoch:.2f} loss {result['loss']:.4f} "
-             f"accuracy {result['accuracy']:.4f} "
-             f"({result['correct']}/{result['count']}) "
-             f"{evaluation.seconds:.1f}s")
+    """Logs a line per evaluated set and queues its scalars."""
+    step = evaluation.step
+    for set_name, result in evaluation.result.items():
+      scalars = {name: result[name] for name in
+                 ("loss", "accuracy", "nll", "brier", "ece")}
+      for name, value in zip(self.class_names, result["class_accuracy"]):
+        if np.isfinite(value):
+          scalars[f"class_accuracy/{name}"] = float(value)
+      self.summaries.scalars(set_name, scalars, step)
+      self.log(f"eval {set_name} step {step}/{self.total_steps} epoch "
+               f"{step / self.steps_per_epoch:.2f} loss "
+               f"{result['loss']:.4f} accuracy {result['accuracy']:.4f} "
+               f"({result['correct']}/{result['count']}) ece "
+               f"{result['ece']:.4f} {evaluation.seconds:.1f}s")
 
 
 class HistogramReporter(Action):
@@ -172,17 +176,19 @@ class HistogramReporter(Action):
 
 
 class EvalImageReporter(Action):
-  """After each evaluation: the confusion matrix and a grid of predictions."""
+  """After each evaluation: the confusion matrix, the reliability diagram
+  and a grid of predictions."""
 
   def __init__(self, *, summaries: SummaryManager, model: tf.keras.Model,
                class_names: Sequence[str],
-               sample_images: tuple[np.ndarray, np.ndarray]):
+               sample_images: dict[str, tuple[np.ndarray, np.ndarray]]):
     """Args:
       summaries: Where summaries go.
       model: The trained model.
       class_names: Name of each label id.
-      sample_images: ``(images, labels)``: uint8 test images and their
-        labels, shown with the model's predictions (no images: no grid).
+      sample_images: Per evaluation set, ``(images, labels)``: uint8 images
+        and their labels, shown with the model's predictions (no images: no
+        grid).
     """
     self.summaries = summaries
     self.model = model
@@ -192,15 +198,18 @@ class EvalImageReporter(Action):
   def after_evaluation(self, evaluation: Evaluation) -> None:
     if not self.summaries.enabled:
       return  # Drawing costs a second; only the chief writes.
-    images = {"confusion_matrix": figures.confusion_matrix_image(
-        evaluation.result["confusion"], self.class_names)}
-    pixels, labels = self.sample_images
-    if len(pixels):
-      logits = self.model(data_lib.to_float(pixels), training=False)
-      predictions = np.argmax(np.asarray(logits), axis=-1)
-      images["predictions"] = figures.prediction_grid(
-          pixels, labels, predictions, self.class_names)
-    self.summaries.images("eval", images, evaluation.step)
+    for set_name, result in evaluation.result.items():
+      images = {"confusion_matrix": figures.confusion_matrix_image(
+          result["confusion"], self.class_names),
+                "reliability_diagram": figures.reliability_diagram_image(
+                    result["reliability"], result["ece"])}
+      pixels, labels = self.sample_images[set_name]
+      if len(pixels):
+        logits = self.model(data_lib.to_float(pixels), training=False)
+        predictions = np.argmax(np.asarray(logits), axis=-1)
+        images["predictions"] = figures.prediction_grid(
+            pixels, labels, predictions, self.class_names)
+      self.summaries.images(set_name, images, evaluation.step)
 
 
 def hparams_of(config: config_lib.TrainConfig) -> dict:

@@ -31,15 +31,19 @@ REFUSED = (
     "resize_images", "augment", "seed", "global_batch_size",
     "keep_short_batch", "model", "l2", "mixed_precision", "optimizer",
     "weight_decay", "momentum", "nesterov", "lr_schedule", "warmup_steps",
-    "lr_decay_rate", "lr_decay_steps", "label_smoothing", "clip_grad_norm")
+    "lr_decay_rate", "lr_decay_steps", "label_smoothing", "clip_grad_norm",
+    "validation_size")
 
 
 def data_facts(data: data_lib.ArrayData) -> dict[str, Any]:
   """What identifies a dataset's contents cheaply: sizes, classes, shape."""
-  return {"train_examples": int(len(data.train_labels)),
-          "test_examples": int(len(data.test_labels)),
-          "class_names": list(data.class_names),
-          "image_shape": list(data.image_shape)}
+  facts = {"train_examples": int(len(data.train_labels)),
+           "test_examples": int(len(data.test_labels)),
+           "class_names": list(data.class_names),
+           "image_shape": list(data.image_shape)}
+  if data.validation_labels is not None:
+    facts["validation_examples"] = int(len(data.validation_labels))
+  return facts
 
 
 def _read_json(path: str) -> dict | None:

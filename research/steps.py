@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from research import calibration
 from research import data as data_lib
 from research import distribute
 from research import optim
@@ -219,11 +220,14 @@ class StepRunner:
                              tf.cast(weights, self.loss_dtype))
     predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
     # Counted in the loss's float type (exact below 2**24 a step) so that
-    # the loss and the counts travel in one all-reduce.
+    # the loss, the counts and the calibration sums travel in one
+    # all-reduce.
     confusion = tf.math.confusion_matrix(
         tf.cast(labels, tf.int32), predicted, num_classes=logits.shape[-1],
         weights=weights, dtype=self.loss_dtype)
-    return loss_sum, confusion
+    brier_sum, bins = calibration.batch_sums(logits, labels, weights)
+    return {"loss_sum": loss_sum, "confusion": confusion,
+            "brier_sum": brier_sum, "bins": bins}
 
   def _replica_evaluate(self, images, labels, weights):
     return tf.distribute.get_replica_context().all_reduce(
@@ -316,19 +320,22 @@ class StepRunner:
     """Runs ``num_steps`` evaluation steps.
 
     Returns:
-      A dict of float64 ``loss_sum`` and int64 ``confusion`` (``[C, C]``,
-      rows true classes, columns predictions), summed over all replicas and
-      steps.
+      A dict, summed over all replicas and steps, of float64 ``loss_sum``
+      (per-example cross-entropy), int64 ``confusion`` (``[C, C]``, rows
+      true classes, columns predictions), and float64 ``brier_sum`` and
+      ``bins`` (``calibration.batch_sums``).
     """
-    loss_sum = tf.constant(0.0, tf.float64)
     num_classes = self.num_classes
-    confusion = tf.zeros([num_classes, num_classes], tf.int64)
+    sums = {"loss_sum": tf.constant(0.0, tf.float64),
+            "confusion": tf.zeros([num_classes, num_classes], tf.int64),
+            "brier_sum": tf.constant(0.0, tf.float64),
+            "bins": tf.zeros([3, calibration.NUM_BINS], tf.float64)}
     for _ in tf.range(num_steps):
-      step_loss_sum, step_confusion = self.strategy.experimental_local_results(
+      step = self.strategy.experimental_local_results(
           self.strategy.run(self._replica_evaluate, args=next(iterator)))[0]
-      loss_sum += tf.cast(step_loss_sum, tf.float64)
-      confusion += tf.cast(step_confusion, tf.int64)
-    return {"loss_sum": loss_sum, "confusion": confusion}
+      sums = {name: total + tf.cast(step[name], total.dtype)
+              for name, total in sums.items()}
+    return sums
 
   def evaluate(self, dist_dataset, num_steps: int, steps_per_call: int = 100
                ) -> dict:
@@ -341,23 +348,26 @@ class StepRunner:
 
     Returns:
       ``{"loss", "accuracy", "correct", "count", "confusion",
-      "class_accuracy"}``: loss is the mean per-example cross-entropy plus
-      the regularization penalty (as ``model.evaluate`` reports it);
-      accuracy is correct / count; ``confusion`` is the ``[C, C]`` int64
-      numpy confusion matrix (rows true classes); ``class_accuracy`` the
-      ``[C]`` recall of each class (NaN for a class with no examples).
+      "class_accuracy", "nll", "brier", "ece", "reliability"}``: loss is the
+      mean per-example cross-entropy plus the regularization penalty (as
+      ``model.evaluate`` reports it); accuracy is correct / count;
+      ``confusion`` is the ``[C, C]`` int64 numpy confusion matrix (rows
+      true classes); ``class_accuracy`` the ``[C]`` recall of each class
+      (NaN for a class with no examples); the rest as
+      ``calibration.metrics`` gives them.
     """
     iterator = iter(dist_dataset)
-    loss_sum, confusion = 0.0, None
+    sums = None
     done = 0
     while done < num_steps:
       call_steps = min(steps_per_call, num_steps - done)
-      out = self.eval_steps(iterator, tf.constant(call_steps))
-      loss_sum += float(out["loss_sum"])
-      call_confusion = out["confusion"].numpy()
-      confusion = (call_confusion if confusion is None
-                   else confusion + call_confusion)
+      out = {name: value.numpy() for name, value in
+             self.eval_steps(iterator, tf.constant(call_steps)).items()}
+      sums = out if sums is None else {name: sums[name] + out[name]
+                                       for name in sums}
       done += call_steps
+    confusion = sums["confusion"]
+    loss_sum = float(sums["loss_sum"])
     count = int(confusion.sum())
     correct = int(np.trace(confusion))
     per_class = confusion.sum(axis=1)
@@ -367,7 +377,10 @@ class StepRunner:
     return {"loss": loss_sum / max(count, 1) + regularization,
             "accuracy": correct / max(count, 1),
             "correct": correct, "count": count, "confusion": confusion,
-            "class_accuracy": class_accuracy}
+            "class_accuracy": class_accuracy,
+            **calibration.metrics(loss_sum=loss_sum,
+                                  brier_sum=float(sums["brier_sum"]),
+                                  bins=sums["bins"], count=count)}
 
 
 def _model_input(images, augmentation):

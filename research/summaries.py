@@ -19,7 +19,8 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import api as hparams_api
 
 # Where a run's hyper-parameters go: the run directory itself, whose
-# subdirectories (train/, eval/) hold the metrics the HParams tab shows.
+# subdirectories (train/, validation/, test/) hold the metrics the HParams
+# tab shows.
 HPARAMS_TAG = "_hparams_/session_start_info"
 
 
@@ -120,7 +121,7 @@ class SummaryManager:
 
     Written once per run directory: a resumed run finds them already there.
     Metrics need no declaration: the tab shows the scalars of the run's
-    subdirectories (``eval/accuracy``, ``train/loss``, ...).
+    subdirectories (``test/accuracy``, ``train/loss``, ...).
 
     Args:
       values: Name to bool, int, float or str.

@@ -81,9 +81,12 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
 
   Returns:
     The final metrics (also written to ``<model_dir>/metrics.json`` by the
-    chief): ``eval_accuracy``, ``eval_loss``, ``global_step``, ``epochs``,
-    ``wall_seconds``, ``train_examples_per_second``, ``skipped_steps``,
-    ``export_dir`` (None if not exported), ...
+    chief): ``evaluations`` (each finally evaluated set's accuracy, loss,
+    calibration and per-class accuracy), ``eval_accuracy``, ``eval_loss``,
+    ... (those of ``eval_set``: the test set when it was evaluated),
+    ``global_step``, ``epochs``, ``wall_seconds``,
+    ``train_examples_per_second``, ``skipped_steps``, ``export_dir`` (None
+    if not exported), ...
 
   A run directory that holds a run resumes it only if this configuration
   is the same experiment (``resume.check``; allowed changes are logged and
@@ -91,7 +94,8 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
   writes nothing.
 
   Raises:
-    UserError: if the run cannot start (see ``cadence_of``), the model
+    UserError: if the run cannot start (see ``cadence_of``; a validation
+      split that does not fit, ``data.split_validation``), the model
       directory holds another experiment or an incompatible checkpoint, or
       a save or the export fails.
     NonFiniteLossError: on a non-finite loss or gradient with
@@ -101,6 +105,7 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
   """
   start_time = time.time()
   chief = distribute.is_chief(strategy)
+  data = data_lib.split_validation(data, config.data.validation_size)
   cadence = cadence_of(config, data)
   changes = resume.check(config, data)  # Refuses another experiment.
 
@@ -153,13 +158,13 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
                 drop_remainder=not config.step.keep_short_batch,
                 augment=config.data.augment, input_context=context,
                 preprocess_in_pipeline=in_pipeline)),
-        eval_dataset=strategy.distribute_datasets_from_function(
-            lambda context: data_lib.make_eval_dataset(
-                data, global_batch_size=config.step.global_batch_size,
-                input_context=context, preprocess_in_pipeline=in_pipeline)),
-        num_eval_steps=data_lib.eval_steps(len(data.test_labels),
-                                           config.step.global_batch_size),
+        eval_datasets={
+            name: _eval_dataset(config, data, strategy, name, in_pipeline)
+            for name in data.eval_set_names},
+        eval_sets=config.loop.eval_sets,
         steps_per_eval_call=config.loop.steps_per_loop)
+    only_at_end = [name for name in config.loop.final_eval_sets
+                   if name not in config.loop.eval_sets]
     actions = run_actions(config, state=state, data=data,
                           summaries=summaries,
                           total_steps=cadence.total_steps,
@@ -171,7 +176,9 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
         trainer=trainer, evaluator=trainer, cadence=cadence,
         start_step=state.step, checkpointer=keeper, summaries=summaries,
         actions=actions.all, stop_requested=watcher.should_stop,
-        stop_on_nonfinite=config.step.nan_policy == "stop", log=log).run()
+        stop_on_nonfinite=config.step.nan_policy == "stop",
+        final_evaluator=(lambda: trainer.evaluate(only_at_end))
+        if only_at_end else None, log=log).run()
     metrics = _final_metrics(config, data, strategy, state, cadence, actions,
                              final, seconds=time.time() - start_time)
     if chief:
@@ -180,15 +187,42 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
   return metrics
 
 
+def _eval_dataset(config: TrainConfig, data: data_lib.ArrayData,
+                  strategy: tf.distribute.Strategy, name: str,
+                  in_pipeline: bool) -> tuple[tf.distribute.DistributedDataset,
+                                              int]:
+  """One evaluation set's distributed dataset and its number of steps."""
+  batch = config.step.global_batch_size
+  dataset = strategy.distribute_datasets_from_function(
+      lambda context: data_lib.make_eval_dataset(
+          data, global_batch_size=batch, input_context=context,
+          preprocess_in_pipeline=in_pipeline, eval_set=name))
+  return dataset, data_lib.eval_steps(len(data.eval_set(name)[1]), batch)
+
+
+def _summary(result: dict, class_names) -> dict:
+  """One set's evaluation, as ``metrics.json`` holds it."""
+  summary = {name: result[name] for name in
+             ("accuracy", "loss", "correct", "count", "nll", "brier", "ece")}
+  summary["class_accuracy"] = dict(zip(
+      class_names, [float(a) for a in result["class_accuracy"]]))
+  return summary
+
+
 def _final_metrics(config, data, strategy, state, cadence, actions, final, *,
                    seconds: float) -> dict:
   """What ``metrics.json`` holds (see ``train``)."""
-  result = final.result
+  # eval_* (as before evaluation sets): the test set's, when evaluated.
+  headline = "test" if "test" in final.result else next(iter(final.result))
+  result = final.result[headline]
   return {
       "eval_accuracy": result["accuracy"],
       "eval_loss": result["loss"],
       "eval_correct": result["correct"],
       "eval_count": result["count"],
+      "eval_nll": result["nll"],
+      "eval_brier": result["brier"],
+      "eval_ece": result["ece"],
       "eval_class_accuracy": dict(zip(
           data.class_names, [float(a) for a in result["class_accuracy"]])),
       "global_step": state.step,
@@ -200,6 +234,9 @@ def _final_metrics(config, data, strategy, state, cadence, actions, final, *,
       "train_examples_per_second": actions.progress.examples_per_second,
       "num_replicas": strategy.num_replicas_in_sync,
       "export_dir": actions.export.export_dir if actions.export else None,
+      "eval_set": headline,
+      "evaluations": {name: _summary(result, data.class_names)
+                      for name, result in final.result.items()},
   }
 
 

@@ -142,21 +142,22 @@ class StepTrainer:
   run's distributed datasets."""
 
   def __init__(self, *, runner: steps_lib.StepRunner, state: TrainingState,
-               train_dataset, eval_dataset, num_eval_steps: int,
-               steps_per_eval_call: int = 100):
+               train_dataset, eval_datasets: dict[str, tuple[Any, int]],
+               eval_sets: Sequence[str], steps_per_eval_call: int = 100):
     """Args:
       runner: The step functions.
       state: The counters it advances.
       train_dataset: The distributed training dataset, from the state's
         global step on.
-      eval_dataset: The distributed evaluation dataset.
-      num_eval_steps: Its number of steps.
+      eval_datasets: Each evaluation set's distributed dataset and number
+        of steps, by name.
+      eval_sets: The sets ``evaluate()`` evaluates by default.
       steps_per_eval_call: Evaluation steps per ``tf.function`` call.
     """
     self.runner = runner
     self.state = state
-    self.eval_dataset = eval_dataset
-    self.num_eval_steps = num_eval_steps
+    self.eval_datasets = dict(eval_datasets)
+    self.eval_sets = tuple(eval_sets)
     self.steps_per_eval_call = steps_per_eval_call
     self._iterator = iter(train_dataset)
 
@@ -170,7 +171,16 @@ class StepTrainer:
     self.state.skipped_steps.assign_add(int(out["skipped"]))
     return out
 
-  def evaluate(self) -> dict[str, Any]:
-    """``StepRunner.evaluate`` over the whole evaluation dataset."""
-    return self.runner.evaluate(self.eval_dataset, self.num_eval_steps,
-                                steps_per_call=self.steps_per_eval_call)
+  def evaluate(self, sets: Sequence[str] | None = None
+               ) -> dict[str, dict[str, Any]]:
+    """``StepRunner.evaluate`` over each set (default: ``eval_sets``).
+
+    Returns:
+      Set name -> its result.
+    """
+    results = {}
+    for name in self.eval_sets if sets is None else sets:
+      dataset, num_steps = self.eval_datasets[name]
+      results[name] = self.runner.evaluate(
+          dataset, num_steps, steps_per_call=self.steps_per_eval_call)
+    return results

@@ -177,7 +177,8 @@ def train_config_from_flags(fv: flags.FlagValues, *, model_dir: str, strategy):
   """Turns the training flags into a ``TrainConfig``, field by flag name.
 
   The flags that are not fields as they stand are resolved first: the global
-  batch size, XLA, the profile steps and the image size.
+  batch size, XLA, the profile steps, the image size and the evaluation
+  sets (``config.default_eval_sets`` when not given).
 
   Raises:
     UserError: if the global batch does not divide over the replicas, or
@@ -189,9 +190,13 @@ def train_config_from_flags(fv: flags.FlagValues, *, model_dir: str, strategy):
   global_batch_size = global_batch_size_from_flags(fv, replicas)
   jit_compile = distribute.resolve_jit_compile(
       fv.jit_compile, strategy, deterministic=fv.deterministic)
+  during, final = config_lib.default_eval_sets(fv.validation_size)
   resolved = {
       "model_dir": model_dir, "global_batch_size": global_batch_size,
       "jit_compile": jit_compile,
+      "eval_sets": tuple(fv.eval_sets) if fv.eval_sets else during,
+      "final_eval_sets": (tuple(fv.final_eval_sets) if fv.final_eval_sets
+                          else final),
       "profile_steps": parse_profile_steps(fv.profile_steps),
       "resize_images": parse_image_size(fv.resize_images)}
   try:

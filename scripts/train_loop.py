@@ -109,6 +109,18 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_integer("eval_every_steps", 0,
                        "Also evaluate every N steps (0: after each epoch "
                        "only).", lower_bound=0, flag_values=fv)
+  flags.DEFINE_integer("validation_size", 0,
+                       "Training examples held out as the validation set "
+                       "(stratified by class, the same for every --seed); 0 "
+                       "for none.", lower_bound=0, flag_values=fv)
+  flags.DEFINE_list("eval_sets", None,
+                    "Sets evaluated during training, among "
+                    f"{','.join(options.EVAL_SETS)} (default: validation "
+                    "with --validation_size, else test).", flag_values=fv)
+  flags.DEFINE_list("final_eval_sets", None,
+                    "Sets evaluated once at the end (default: validation,"
+                    "test with --validation_size, else test).",
+                    flag_values=fv)
   flags.DEFINE_integer("checkpoint_every_steps", 1000,
                        "Save a checkpoint every N steps (0: at the end only).",
                        lower_bound=0, flag_values=fv)
@@ -208,7 +220,9 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
     sys.stderr.write("aborted by a second Ctrl-C; nothing saved since the "
                      "last checkpoint; run the same command to resume\n")
     sys.exit(preemption.INTERRUPTED_EXIT_STATUS)
-  print(f"done: eval accuracy {metrics['eval_accuracy']:.4f} "
+  # Runs recorded before evaluation sets evaluated the test set.
+  print(f"done: {metrics.get('eval_set', 'test')} accuracy "
+        f"{metrics['eval_accuracy']:.4f} "
         f"loss {metrics['eval_loss']:.4f} at step {metrics['global_step']} "
         f"in {metrics['wall_seconds']:.0f}s", flush=True)
 

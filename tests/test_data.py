@@ -218,6 +218,80 @@ def test_augmentation_crops_and_flips_within_padding():
   assert not np.array_equal(x, xa)
 
 
+# The validation split -------------------------------------------------------
+
+
+def _uneven_data():
+  """200 training examples, classes of 5 to 25, each image's first pixel
+  its index."""
+  labels = np.repeat(np.arange(10), [5, 10, 15, 20, 25, 25, 25, 25, 25, 25])
+  labels = np.random.default_rng(0).permutation(labels).astype(np.int32)
+  images = np.zeros((200, 32, 32, 3), np.uint8)
+  images[:, 0, 0, 0] = np.arange(200)
+  return data_lib.ArrayData(images, labels, images[:8], labels[:8],
+                            tuple(str(i) for i in range(10)))
+
+
+def _pixel_ids(images):
+  return images[:, 0, 0, 0].astype(int)
+
+
+def test_the_validation_split_is_stratified_disjoint_and_fixed():
+  data = _uneven_data()
+  split = data_lib.split_validation(data, 33)
+  train, held = _pixel_ids(split.train_images), _pixel_ids(
+      split.validation_images)
+  assert not set(train) & set(held)
+  assert sorted(np.concatenate([train, held])) == list(range(200))
+  assert list(train) == sorted(train)  # The training order is kept.
+  np.testing.assert_array_equal(split.train_labels, data.train_labels[train])
+  np.testing.assert_array_equal(split.validation_labels,
+                                data.train_labels[held])
+  # Each class its share of 33: 0.165 of [5, 10, 15, 20, 25 x 6] is
+  # [0.8, 1.7, 2.5, 3.3, 4.1 x 6]; floors add to 30, the three largest
+  # remainders (classes 0, 1, 2) take one more.
+  np.testing.assert_array_equal(np.bincount(split.validation_labels),
+                                [1, 2, 3, 3, 4, 4, 4, 4, 4, 4])
+  again = data_lib.split_validation(data, 33)
+  np.testing.assert_array_equal(again.validation_images,
+                                split.validation_images)
+  assert data_lib.split_validation(data, 0) is data
+  assert split.eval_set_names == ("validation", "test")
+  assert data.eval_set_names == ("test",)
+  with pytest.raises(UserError, match="no evaluation set 'validation'"):
+    data.eval_set("validation")
+
+
+@pytest.mark.parametrize("workers,replicas", [(1, 1), (2, 2)])
+def test_no_validation_example_is_trained_on_for_any_seed_or_worker(
+    workers, replicas):
+  split = data_lib.split_validation(_uneven_data(), 40)
+  held = set(_pixel_ids(split.validation_images))
+  train = set(_pixel_ids(split.train_images))
+  for seed in (0, 7):
+    for start_step in (0, 9):  # A fresh run and a resumed one.
+      seen = set()
+      for w in range(workers):
+        context = _FakeContext(workers, w, replicas) if replicas > 1 else None
+        for x, _ in data_lib.make_train_dataset(
+            split, global_batch_size=8, seed=seed, num_epochs=2,
+            start_step=start_step, input_context=context):
+          seen |= set(_ids(x.numpy()))
+      assert not seen & held
+      assert seen == train
+
+
+def test_a_split_that_does_not_fit_is_refused():
+  data = _uneven_data()
+  with pytest.raises(UserError, match=r"--validation_size=200 must be in "
+                     r"\[0, 200\)"):
+    data_lib.split_validation(data, 200)
+  # Class 0 has 5 examples; 190 of 200 takes all 5.
+  with pytest.raises(UserError, match="--validation_size=190 leaves no "
+                     "training example of class 0"):
+    data_lib.split_validation(data, 190)
+
+
 class _FakeContext:
   """Stands in for ``tf.distribute.InputContext`` (pure arithmetic)."""
 

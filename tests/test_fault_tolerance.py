@@ -48,7 +48,7 @@ def _assert_each_step_once(model_dir):
     assert [s for s, _ in train[tag]] == TRAIN_STEPS, tag
   for tag in ("learning_rate", "grad_norm"):  # Logged at every step.
     assert [s for s, _ in train[tag]] == list(range(1, TRAIN_STEPS[-1] + 1))
-  evals = read_scalars(os.path.join(model_dir, "eval"))
+  evals = read_scalars(os.path.join(model_dir, "test"))
   for tag in ("loss", "accuracy"):
     assert [s for s, _ in evals[tag]] == EVAL_STEPS, tag
 
@@ -67,7 +67,7 @@ def reference_run(tmp_path_factory):
 @pytest.mark.parametrize("kill_after", [
     "train step 24/48",  # mid-epoch, between checkpoints
     "train step 32/48",  # the epoch's evaluation is running
-    "eval  step 16/48",  # summaries and the checkpoint are being written
+    "eval test step 16/48",  # summaries and the checkpoint are being written
 ], ids=["mid_epoch", "during_eval", "during_checkpoint"])
 def test_sigkill_then_rerun_is_bitwise_identical(tmp_path, reference_run,
                                                  kill_after):

@@ -83,7 +83,7 @@ def test_two_workers_match_two_local_replicas(tmp_path):
   assert max(abs(x - y) for (_, x), (_, y) in zip(loss_a, loss_b)) <= 1e-5
 
   # One set of outputs: only the chief wrote events; no worker leftovers.
-  for split in ("train", "eval"):
+  for split in ("train", "test"):
     assert len(os.listdir(os.path.join(mw_dir, split))) == 1
   assert os.listdir(tmp_path / "tmp") == []
 

@@ -57,6 +57,7 @@ REFUSED = {
                          "keep_short_batch False -> True"),
     "label_smoothing": (["--label_smoothing=0.1"],
                         "label_smoothing 0.0 -> 0.1"),
+    "validation_size": (["--validation_size=64"], "validation_size 0 -> 64"),
 }
 
 
@@ -97,7 +98,7 @@ def test_a_finished_run_run_again_rewrites_nothing(finished_run):
   proc = run_in_process("train_loop.py", *SMOKE, f"--model_dir={finished_run}")
   assert proc.returncode == 0, proc.stderr
   assert "the run already finished at step 48" in proc.stdout
-  assert "train step" not in proc.stdout and "eval  step" not in proc.stdout
+  assert "train step" not in proc.stdout and "eval test step" not in proc.stdout
   assert _snapshot(finished_run) == before
   # Fewer epochs than trained: finished at once, nothing rewritten either.
   proc = run_in_process("train_loop.py", *SMOKE, "--epochs=1",

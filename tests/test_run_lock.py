@@ -110,5 +110,5 @@ def test_a_second_trainer_on_a_running_run_exits_2_and_the_first_finishes(
   assert first.returncode == 0, err
   with open(os.path.join(model_dir, "run_record.json")) as f:
     assert len(json.load(f)["invocations"]) == 1
-  for split in ("train", "eval"):
+  for split in ("train", "test"):
     assert len(os.listdir(os.path.join(model_dir, split))) == 1

@@ -80,7 +80,7 @@ def test_tensorboard_serves_the_runs_scalars(tensorboard):
   tags = _get(f"{base}/data/plugin/scalars/tags")
   assert {"loss", "accuracy", "learning_rate", "grad_norm",
           "examples_per_second"} <= set(tags["tiny/train"])
-  assert {"loss", "accuracy"} <= set(tags["tiny/eval"])
+  assert {"loss", "accuracy"} <= set(tags["tiny/test"])
   on_disk = read_scalars(os.path.join(model_dir, "train"))
   for tag in ("loss", "grad_norm"):
     query = urllib.parse.urlencode({"run": "tiny/train", "tag": tag})
@@ -91,7 +91,7 @@ def test_tensorboard_serves_the_runs_scalars(tensorboard):
                                [v for _, v in on_disk[tag]], rtol=1e-6)
   # The images and the HParams tab have the run too.
   images = _get(f"{base}/data/plugin/images/tags")
-  assert {"predictions", "confusion_matrix"} <= set(images["tiny/eval"])
+  assert {"predictions", "confusion_matrix"} <= set(images["tiny/test"])
   experiment = _get(f"{base}/data/plugin/hparams/experiment",
                     data=json.dumps({"experimentName": ""}).encode())
   names = {h["name"] for h in experiment["hparamInfos"]}
@@ -108,7 +108,7 @@ def test_tensorboard_serves_the_runs_scalars(tensorboard):
            for m in group["metricValues"]}
   with open(os.path.join(model_dir, "metrics.json")) as f:
     metrics = json.load(f)
-  np.testing.assert_allclose(final[("eval", "accuracy")],
+  np.testing.assert_allclose(final[("test", "accuracy")],
                              metrics["eval_accuracy"], rtol=1e-6)
-  np.testing.assert_allclose(final[("eval", "loss")], metrics["eval_loss"],
+  np.testing.assert_allclose(final[("test", "loss")], metrics["eval_loss"],
                              rtol=1e-6)

@@ -47,9 +47,10 @@ def test_smoke_run_writes_events_checkpoint_and_metrics(smoke_run):
     assert [s for s, _ in train[tag]] == list(range(1, 49)), tag
   assert all(v == pytest.approx(0.001) for _, v in train["learning_rate"])
   assert train["loss"][-1][1] < train["loss"][0][1]
-  evals = read_scalars(os.path.join(model_dir, "eval"))
-  assert {"loss", "accuracy"} <= set(evals)
-  assert all(t in ("loss", "accuracy") or t.startswith("class_accuracy/")
+  evals = read_scalars(os.path.join(model_dir, "test"))
+  per_evaluation = {"loss", "accuracy", "nll", "brier", "ece"}
+  assert per_evaluation <= set(evals)
+  assert all(t in per_evaluation or t.startswith("class_accuracy/")
              for t in evals)
   assert [s for s, _ in evals["accuracy"]] == EVAL_STEPS
 
@@ -60,13 +61,17 @@ def test_smoke_run_writes_events_checkpoint_and_metrics(smoke_run):
   assert metrics["eval_count"] == 128
   assert metrics["eval_accuracy"] == metrics["eval_correct"] / 128
   assert metrics["eval_accuracy"] == pytest.approx(evals["accuracy"][-1][1])
+  for name in ("nll", "brier", "ece"):
+    assert metrics[f"eval_{name}"] == pytest.approx(evals[name][-1][1])
+  # No regularization: the loss is the negative log-likelihood.
+  assert metrics["eval_nll"] == pytest.approx(metrics["eval_loss"])
   assert metrics["wall_seconds"] > 0
   assert metrics["train_examples_per_second"] > 0
   with open(os.path.join(model_dir, "flags.json")) as f:
     flag_values = json.load(f)
   assert flag_values["batch_size"] == 32
   assert flag_values["dataset"] == "synthetic"
-  assert "train step 48/48" in proc.stdout and "eval  step 48/48" in proc.stdout
+  assert "train step 48/48" in proc.stdout and "eval test step 48/48" in proc.stdout
   assert "ETA" in proc.stdout
 
 
@@ -98,7 +103,7 @@ def test_resume_trains_only_what_is_left(tmp_path, smoke_run):
   # Running a finished run again changes nothing and records nothing twice.
   assert run_in_process("train_loop.py", SMOKE,
                         f"--model_dir={model_dir}").returncode == 0
-  evals = read_scalars(os.path.join(model_dir, "eval"))
+  evals = read_scalars(os.path.join(model_dir, "test"))
   assert [s for s, _ in evals["accuracy"]] == EVAL_STEPS
 
 
@@ -149,6 +154,14 @@ BAD_FLAGS = [
      "--profile_steps=9 is not FIRST,LAST"),
     ("reversed_profile_steps", ["--profile_steps=9,3"],
      "--profile_steps=9,3 is not FIRST,LAST"),
+    ("validation_not_smaller_than_train", ["--validation_size=512"],
+     "--validation_size=512 must be in [0, 512)"),
+    ("validation_empties_a_class", ["--validation_size=511"],
+     "--validation_size=511 leaves no training example of class"),
+    ("validation_set_without_a_split", ["--eval_sets=validation"],
+     "validation_size is 0"),
+    ("unknown_eval_set", ["--final_eval_sets=train"],
+     "final_eval_sets must be distinct names among ('validation', 'test')"),
 ]
 
 

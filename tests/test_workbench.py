@@ -165,15 +165,15 @@ def test_event_files_hold_histograms_images_hparams_and_a_profile(tmp_path):
       assert buckets.shape[1] == 3
       assert buckets[:, 2].sum() == np.prod(v.shape)
 
-  evals = read_scalars(str(model_dir / "eval"))
+  evals = read_scalars(str(model_dir / "test"))
   names = data_lib.make_synthetic(num_train=1, num_test=1, seed=0).class_names
   per_class = [evals[f"class_accuracy/{n}"][-1][1] for n in names
                if f"class_accuracy/{n}" in evals]
   assert len(per_class) >= 8
   np.testing.assert_allclose(metrics["eval_accuracy"],
                              evals["accuracy"][-1][1])
-  acc = _tensor_tags(str(model_dir / "eval"))
-  for tag in ("predictions", "confusion_matrix"):
+  acc = _tensor_tags(str(model_dir / "test"))
+  for tag in ("predictions", "confusion_matrix", "reliability_diagram"):
     events = acc.Tensors(tag)
     assert [e.step for e in events] == [16, 32, 48]
     # An image summary: width, height, then the PNG-encoded images.
