@@ -14,6 +14,8 @@ Modules, one concern each:
 - ``data``: data sources and their registry, the validation split, and the
   ``tf.data`` pipeline.
 - ``calibration``: NLL, Brier score and expected calibration error.
+- ``selection``: the best checkpoint and early stopping, as actions.
+- ``evaluation``: evaluating a run's checkpoint apart from training.
 - ``registry``: the named registries behind ``--model`` and ``--dataset``.
 - ``optim``: optimizers and learning-rate schedules.
 - ``distribute``: choosing and creating the ``tf.distribute`` strategy.

@@ -2,7 +2,8 @@
 
 ``run_actions`` says, in one place, what happens around the training calls
 of a run: console lines and scalars, histograms, evaluation images, the
-profiler trace, and the export at the end. A new side concern is one more
+profiler trace, the best checkpoint and early stopping, and the export at
+the end. A new side concern is one more
 ``controller.Action`` in this list; the controller does not change.
 """
 
@@ -22,18 +23,23 @@ from research.profiling import StepProfiler
 from research.reporting import EvalImageReporter
 from research.reporting import HistogramReporter
 from research.reporting import ProgressReporter
+from research.selection import BestCheckpoint
+from research.selection import EarlyStopping
+from research.selection import SelectionState
 from research.summaries import SummaryManager
 from research.training import TrainingState
 
 
 class ExportAction(Action):
-  """At the end of training, writes the serving SavedModel.
+  """At the end of training, writes the serving SavedModel: of the best
+  checkpoint when there is one, else of the trained weights.
 
   ``export_dir`` is where it went (None until then).
   """
 
   def __init__(self, *, model, model_config: ModelConfig, export_dir: str,
-               class_names, image_shape, log: Callable[[str], None]):
+               class_names, image_shape, log: Callable[[str], None],
+               best: BestCheckpoint | None = None, model_dir: str = ""):
     """Args:
       model: The trained model.
       model_config: The registered model it is.
@@ -41,6 +47,8 @@ class ExportAction(Action):
       class_names: Name of each label id.
       image_shape: ``(H, W, C)`` the model takes.
       log: Receives one line naming the export.
+      best: The best-checkpoint action, whose weights are exported.
+      model_dir: The run directory (to rebuild the model of ``best``).
     """
     self.model = model
     self.model_config = model_config
@@ -48,14 +56,21 @@ class ExportAction(Action):
     self.class_names = class_names
     self.image_shape = image_shape
     self.log = log
+    self.best = best
+    self.model_dir = model_dir
     self.export_dir = None
 
   def at_end(self, evaluation: Evaluation) -> None:
     del evaluation
+    model, what = self.model, "the trained weights"
+    if self.best is not None and self.best.path:
+      model, _, _ = export_lib.load_model_from_run(self.model_dir,
+                                                   self.best.path)
+      what = f"the best checkpoint ({self.best.metric})"
     self.export_dir = export_lib.export_saved_model(
-        self.model, self.target, class_names=self.class_names,
+        model, self.target, class_names=self.class_names,
         image_shape=self.image_shape, model_config=self.model_config)
-    self.log(f"exported a SavedModel to {self.export_dir}")
+    self.log(f"exported a SavedModel of {what} to {self.export_dir}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,16 +81,19 @@ class RunActions:
     all: Every action, in the order they run.
     progress: The console and scalars reporter (its throughput).
     export: The export at the end (its directory), or None.
+    best: The best-checkpoint action (its info), or None.
   """
   all: tuple[Action, ...]
   progress: ProgressReporter
   export: ExportAction | None
+  best: BestCheckpoint | None = None
 
 
 def run_actions(config: TrainConfig, *, state: TrainingState,
                 data: data_lib.ArrayData, summaries: SummaryManager,
                 total_steps: int, steps_per_epoch: int, is_chief: bool,
-                log: Callable[[str], None]) -> RunActions:
+                log: Callable[[str], None],
+                selection: SelectionState | None = None) -> RunActions:
   """The actions of a training run, in the order they run.
 
   Args:
@@ -87,6 +105,7 @@ def run_actions(config: TrainConfig, *, state: TrainingState,
     steps_per_epoch: Steps per epoch.
     is_chief: Whether this process writes the run's outputs.
     log: The console.
+    selection: The checkpointed selection state (with ``best_metric``).
 
   Returns:
     The actions.
@@ -116,11 +135,23 @@ def run_actions(config: TrainConfig, *, state: TrainingState,
     actions.append(StepProfiler(logdir=config.model_dir,
                                 steps=reporting.profile_steps,
                                 enabled=is_chief))
+  best = None
+  if config.loop.best_metric:
+    best = BestCheckpoint(metric=config.loop.best_metric, state=selection,
+                          checkpoint=state.checkpoint,
+                          model_dir=config.model_dir, is_chief=is_chief,
+                          log=log)
+    actions.append(best)
+    if config.loop.early_stopping_patience:
+      actions.append(EarlyStopping(
+          best=best, patience=config.loop.early_stopping_patience,
+          min_delta=config.loop.early_stopping_min_delta))
   export = None
   if reporting.export and is_chief:
     export = ExportAction(
         model=state.model, model_config=config.model,
         export_dir=os.path.join(config.model_dir, export_lib.EXPORT_SUBDIR),
-        class_names=data.class_names, image_shape=data.image_shape, log=log)
+        class_names=data.class_names, image_shape=data.image_shape, log=log,
+        best=best, model_dir=config.model_dir)
     actions.append(export)
-  return RunActions(tuple(actions), progress, export)
+  return RunActions(tuple(actions), progress, export, best)

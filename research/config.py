@@ -168,6 +168,12 @@ class LoopConfig:
     eval_sets: The sets evaluated during training (``options.EVAL_SETS``).
     final_eval_sets: The sets evaluated once after the last step (with
       those of ``eval_sets`` at that step).
+    best_metric: ``SET/METRIC`` (e.g. ``validation/accuracy``, a set of
+      ``eval_sets``) whose best evaluation is kept in ``best/`` and
+      exported; None for no selection.
+    early_stopping_patience: Stop after this many evaluations without an
+      improvement of ``best_metric`` (0: never).
+    early_stopping_min_delta: The improvement that counts.
   """
   epochs: int = 10
   steps_per_loop: int = 100
@@ -176,6 +182,9 @@ class LoopConfig:
   keep_checkpoints: int = 3
   eval_sets: tuple[str, ...] = ("test",)
   final_eval_sets: tuple[str, ...] = ("test",)
+  best_metric: str | None = None
+  early_stopping_patience: int = 0
+  early_stopping_min_delta: float = 0.0
 
   def __post_init__(self):
     _at_least(self, 1, "epochs", "steps_per_loop", "keep_checkpoints")
@@ -186,6 +195,20 @@ class LoopConfig:
           options.EVAL_SETS):
         raise ValueError(f"{name} must be distinct names among "
                          f"{options.EVAL_SETS}, got {tuple(sets)}")
+    _at_least(self, 0, "early_stopping_patience", "early_stopping_min_delta")
+    if self.best_metric is not None:
+      set_name, _, metric = self.best_metric.partition("/")
+      if metric not in options.METRIC_DIRECTIONS:
+        raise ValueError(f"best_metric must be SET/METRIC with METRIC one of "
+                         f"{tuple(options.METRIC_DIRECTIONS)}, got "
+                         f"{self.best_metric!r}")
+      if set_name not in self.eval_sets:
+        raise ValueError(f"best_metric {self.best_metric!r} needs the set "
+                         f"{set_name!r} evaluated during training; eval_sets "
+                         f"is {self.eval_sets}")
+    elif self.early_stopping_patience:
+      raise ValueError("early_stopping_patience needs a best_metric to "
+                       "watch, e.g. validation/accuracy")
 
 
 @dataclasses.dataclass(frozen=True)

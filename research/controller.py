@@ -15,7 +15,9 @@ each call decides, in this order:
    lag behind a checkpoint; without periodic checkpoints the summaries are
    committed after every call;
 5. stop on request (preemption, Ctrl-C): commit, save, raise
-   ``Preempted``.
+   ``Preempted``;
+6. end early when an action gives a ``stop_reason`` (early stopping): save,
+   then finish as after the last step (``stop_reason`` says why).
 
 Everything else (console lines, TensorBoard, histograms, images, profiling,
 the export) is an ``Action``; the controller only calls their hooks. It
@@ -178,6 +180,11 @@ class Action:
   def at_end(self, evaluation: Evaluation) -> None:
     """Runs once after the last step, with the last evaluation."""
 
+  def stop_reason(self) -> str | None:
+    """Asked after every call: a reason ends training there, as if it were
+    the last step (None: go on)."""
+    return None
+
   def close(self) -> None:
     """Runs when the run ends in any way (also on errors)."""
 
@@ -226,6 +233,7 @@ class Controller:
     self.stop_on_nonfinite = stop_on_nonfinite
     self.final_evaluator = final_evaluator
     self.log = log
+    self.stop_reason: str | None = None
 
   def next_call_size(self, step: int) -> int:
     """Steps of the call starting at ``step``: at most ``steps_per_loop``,
@@ -256,10 +264,17 @@ class Controller:
         self._train_call()
         if self.cadence.evaluates_at(self.step):
           last = self._evaluate()
-        if self.cadence.saves_at(self.step):
+        self.stop_reason = next(
+            (reason for reason in (a.stop_reason() for a in self.actions)
+             if reason), None)
+        if self.cadence.saves_at(self.step) or self.stop_reason:
           self._save()
         elif not self.cadence.checkpoint_every_steps:
           self.summaries.commit()
+        if self.stop_reason:
+          self.log(f"{self.stop_reason}; stopped at step {self.step}/"
+                   f"{self.cadence.total_steps}")
+          break
         signal_name = (self.stop_requested()
                        if self.step < self.cadence.total_steps else None)
         if signal_name:

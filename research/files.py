@@ -1,9 +1,27 @@
-"""Small, crash-safe file writes shared by the loop and the scripts."""
+"""Small, crash-safe file writes (and JSON reads) shared by the loop and
+the scripts."""
 
 from __future__ import annotations
 
 import json
 import os
+
+from research.errors import UserError
+
+
+def read_json(path: str, *, fix: str):
+  """The JSON in ``path``, or None if there is no such file.
+
+  Raises:
+    UserError: naming the file and ``fix`` if it cannot be read or parsed.
+  """
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    raise UserError(f"cannot read {path} ({e}); {fix}") from None
 
 
 def write_json(path: str, payload) -> None:

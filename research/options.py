@@ -14,3 +14,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "step", "exponential")
 NAN_POLICIES = ("stop", "skip")
 EVAL_SETS = ("validation", "test")
+# Metrics every evaluation reports, and whether larger is better (model
+# selection: --best_metric=SET/METRIC).
+METRIC_DIRECTIONS = {"accuracy": "max", "loss": "min", "nll": "min",
+                     "brier": "min", "ece": "min"}

@@ -13,12 +13,12 @@ change freely; they are recorded too.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 from research import config as config_lib
 from research import data as data_lib
+from research import files
 from research.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -32,7 +32,7 @@ REFUSED = (
     "keep_short_batch", "model", "l2", "mixed_precision", "optimizer",
     "weight_decay", "momentum", "nesterov", "lr_schedule", "warmup_steps",
     "lr_decay_rate", "lr_decay_steps", "label_smoothing", "clip_grad_norm",
-    "validation_size")
+    "validation_size", "best_metric")
 
 
 def data_facts(data: data_lib.ArrayData) -> dict[str, Any]:
@@ -47,14 +47,8 @@ def data_facts(data: data_lib.ArrayData) -> dict[str, Any]:
 
 
 def _read_json(path: str) -> dict | None:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    return None
-  except (OSError, ValueError) as e:
-    raise UserError(f"cannot read {path} ({e}); it describes the run in its "
-                    f"folder: restore it or use a new --model_dir") from None
+  return files.read_json(path, fix="it describes the run in its folder: "
+                         "restore it or use a new --model_dir")
 
 
 def _comparable(value):

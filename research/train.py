@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from research import data as data_lib
 from research import distribute
+from research import evaluation
 from research import export as export_lib
 from research import preemption
 from research import resume
@@ -34,6 +35,7 @@ from research.errors import UserError
 from research.files import write_json
 from research.reporting import hparams_of
 from research.run_lock import RunLock
+from research.selection import SelectionState
 from research.summaries import SummaryManager
 from research.training import StepTrainer
 from research.training import build_training
@@ -86,7 +88,9 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
     ... (those of ``eval_set``: the test set when it was evaluated),
     ``global_step``, ``epochs``, ``wall_seconds``,
     ``train_examples_per_second``, ``skipped_steps``, ``export_dir`` (None
-    if not exported), ...
+    if not exported), ``best`` (with a best metric: ``best/info.json``, the
+    best evaluation), ``stopped_early`` (step and reason, when early
+    stopping ended the run), ...
 
   A run directory that holds a run resumes it only if this configuration
   is the same experiment (``resume.check``; allowed changes are logged and
@@ -118,6 +122,10 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
       num_classes=data.num_classes, image_shape=data.image_shape,
       total_steps=cadence.total_steps,
       keep_last_gradients=config.reporting.histogram_every_steps > 0)
+  selection = None
+  if config.loop.best_metric:
+    # In the checkpoints, so that a resume knows the best so far.
+    selection = state.checkpoint.selection = SelectionState()
   keeper = CheckpointKeeper(
       checkpoint=state.checkpoint,
       directory=os.path.join(config.model_dir, "checkpoints"),
@@ -129,7 +137,8 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
   if restored:
     log(f"resumed from {restored} at step {state.step}/{cadence.total_steps}")
     recorded = resume.recorded_result(config.model_dir, state.step)
-    if recorded is not None and state.step >= cadence.total_steps:
+    if recorded is not None and (state.step >= cadence.total_steps or
+                                 recorded.get("stopped_early")):
       log(f"the run already finished at step {state.step}; nothing to do "
           f"(its results are in {resume.METRICS_FILE})")
       return recorded
@@ -169,18 +178,22 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
                           summaries=summaries,
                           total_steps=cadence.total_steps,
                           steps_per_epoch=cadence.steps_per_epoch,
-                          is_chief=chief, log=log)
+                          is_chief=chief, log=log, selection=selection)
     watcher = preemption.PreemptionWatcher(strategy)
     held.callback(watcher.close)
-    final = Controller(
+    controller = Controller(
         trainer=trainer, evaluator=trainer, cadence=cadence,
         start_step=state.step, checkpointer=keeper, summaries=summaries,
         actions=actions.all, stop_requested=watcher.should_stop,
         stop_on_nonfinite=config.step.nan_policy == "stop",
         final_evaluator=(lambda: trainer.evaluate(only_at_end))
-        if only_at_end else None, log=log).run()
+        if only_at_end else None, log=log)
+    final = controller.run()
     metrics = _final_metrics(config, data, strategy, state, cadence, actions,
                              final, seconds=time.time() - start_time)
+    if controller.stop_reason:
+      metrics["stopped_early"] = {"step": state.step,
+                                  "reason": controller.stop_reason}
     if chief:
       write_json(os.path.join(config.model_dir, resume.METRICS_FILE),
                  metrics)
@@ -198,15 +211,6 @@ def _eval_dataset(config: TrainConfig, data: data_lib.ArrayData,
           data, global_batch_size=batch, input_context=context,
           preprocess_in_pipeline=in_pipeline, eval_set=name))
   return dataset, data_lib.eval_steps(len(data.eval_set(name)[1]), batch)
-
-
-def _summary(result: dict, class_names) -> dict:
-  """One set's evaluation, as ``metrics.json`` holds it."""
-  summary = {name: result[name] for name in
-             ("accuracy", "loss", "correct", "count", "nll", "brier", "ece")}
-  summary["class_accuracy"] = dict(zip(
-      class_names, [float(a) for a in result["class_accuracy"]]))
-  return summary
 
 
 def _final_metrics(config, data, strategy, state, cadence, actions, final, *,
@@ -235,8 +239,9 @@ def _final_metrics(config, data, strategy, state, cadence, actions, final, *,
       "num_replicas": strategy.num_replicas_in_sync,
       "export_dir": actions.export.export_dir if actions.export else None,
       "eval_set": headline,
-      "evaluations": {name: _summary(result, data.class_names)
+      "evaluations": {name: evaluation.summarize(result, data.class_names)
                       for name, result in final.result.items()},
+      "best": actions.best.info() if actions.best else None,
   }
 
 

@@ -121,6 +121,18 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                     "Sets evaluated once at the end (default: validation,"
                     "test with --validation_size, else test).",
                     flag_values=fv)
+  flags.DEFINE_string("best_metric", None,
+                      "SET/METRIC to select on, e.g. validation/accuracy "
+                      "(metrics: " + ", ".join(options.METRIC_DIRECTIONS) +
+                      "): its best evaluation is kept in <model_dir>/best/ "
+                      "and exported.", flag_values=fv)
+  flags.DEFINE_integer("early_stopping_patience", 0,
+                       "Stop after N evaluations without an improvement of "
+                       "--best_metric (0: never).", lower_bound=0,
+                       flag_values=fv)
+  flags.DEFINE_float("early_stopping_min_delta", 0.0,
+                     "The improvement of --best_metric that counts.",
+                     lower_bound=0.0, flag_values=fv)
   flags.DEFINE_integer("checkpoint_every_steps", 1000,
                        "Save a checkpoint every N steps (0: at the end only).",
                        lower_bound=0, flag_values=fv)

@@ -58,6 +58,8 @@ REFUSED = {
     "label_smoothing": (["--label_smoothing=0.1"],
                         "label_smoothing 0.0 -> 0.1"),
     "validation_size": (["--validation_size=64"], "validation_size 0 -> 64"),
+    "best_metric": (["--best_metric=test/accuracy"],
+                    "best_metric None -> 'test/accuracy'"),
 }
 
 

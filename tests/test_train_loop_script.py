@@ -162,6 +162,13 @@ BAD_FLAGS = [
      "validation_size is 0"),
     ("unknown_eval_set", ["--final_eval_sets=train"],
      "final_eval_sets must be distinct names among ('validation', 'test')"),
+    ("best_metric_never_reported", ["--best_metric=validation/accuracy"],
+     "best_metric 'validation/accuracy' needs the set 'validation' "
+     "evaluated during training"),
+    ("unknown_best_metric", ["--best_metric=test/f1"],
+     "best_metric must be SET/METRIC with METRIC one of"),
+    ("patience_without_a_metric", ["--early_stopping_patience=3"],
+     "early_stopping_patience needs a best_metric"),
 ]
 
 

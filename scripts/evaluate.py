@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Evaluates a checkpoint of a training run, apart from training.
+
+  python scripts/evaluate.py --model_dir=logs/run --checkpoint=best \\
+      --eval_sets=validation,test [--json_out=results.json]
+
+Rebuilds the run from its config.json (the same data and validation split,
+the model in the same precision), restores the checkpoint (latest, best, or
+a path) and prints one line per set; the numbers are those an evaluation in
+the training loop gives for the same weights. Reads the run directory only:
+it may run beside the trainer.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+
+import cli_common as cli  # noqa: E402  (scripts/cli_common.py)
+from research import options  # noqa: E402
+from research.errors import UserError  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+  """Defines this script's flags on ``fv``."""
+  flags.DEFINE_string("model_dir", None, "A training run's directory.",
+                      flag_values=fv)
+  flags.DEFINE_string("checkpoint", "latest",
+                      "latest, best (the run's best/ checkpoint, with "
+                      "--best_metric) or a checkpoint path prefix.",
+                      flag_values=fv)
+  flags.DEFINE_list("eval_sets", None,
+                    "Sets to evaluate, among "
+                    f"{','.join(options.EVAL_SETS)} (default: every set the "
+                    "run has).", flag_values=fv)
+  flags.DEFINE_string("json_out", None, "Also write the results here.",
+                      flag_values=fv)
+  flags.mark_flag_as_required("model_dir", flag_values=fv)
+
+
+def run(fv: flags.FlagValues, args: list[str]) -> None:
+  """Evaluates as the parsed flags ``fv`` say; exits 2 on user errors.
+
+  Args:
+    fv: This script's parsed flags.
+    args: The arguments that are not flags (there must be none).
+  """
+  cli.refuse_arguments(args)
+  from research import evaluation
+  from research.files import write_json
+  try:
+    results = evaluation.evaluate_run(fv.model_dir, checkpoint=fv.checkpoint,
+                                      eval_sets=fv.eval_sets)
+    if fv.json_out:
+      write_json(fv.json_out, results)
+  except UserError as e:
+    cli.exit_with_error(str(e), status=e.exit_status)
+  print(f"checkpoint {results['checkpoint']} (step {results['step']})")
+  for name, result in results["evaluations"].items():
+    print(f"{name}: accuracy {result['accuracy']:.4f} "
+          f"({result['correct']}/{result['count']}) loss "
+          f"{result['loss']:.4f} nll {result['nll']:.4f} brier "
+          f"{result['brier']:.4f} ece {result['ece']:.4f}")
+
+
+def main(argv):
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # absl's INFO is TF's noise.
+  run(FLAGS, argv[1:])
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags_or_exit)
