@@ -460,7 +460,7 @@ def test_unreadable_folders_are_named(templates, tmp_path):
 def test_the_folder_takes_jpeg_and_png_by_content(templates, tmp_path):
   """A GIF named .png is refused, saying what it is; a JPEG named .png and
   a PNG named .jpg load."""
-  pil = pytest.importorskip("PIL.Image")  # Matplotlib's dependency.
+  from PIL import Image as pil  # pylint: disable=import-outside-toplevel
   root = str(tmp_path / "case")
   shutil.copytree(templates["folder"], root)
   path = os.path.join(root, "test", "c", "1.png")
@@ -482,7 +482,7 @@ def test_the_folder_takes_jpeg_and_png_by_content(templates, tmp_path):
 def test_predict_reads_each_format_and_refuses_bombs(tmp_path):
   image = np.random.default_rng(0).integers(0, 256, (40, 30, 3), np.uint8)
   paths = []
-  pil = pytest.importorskip("PIL.Image")  # Matplotlib's dependency.
+  from PIL import Image as pil  # pylint: disable=import-outside-toplevel
   for form in ("png", "jpeg", "gif", "bmp"):
     path = str(tmp_path / f"image.{form}")
     pil.fromarray(image).save(path, format=form.upper())
@@ -516,7 +516,7 @@ def test_image_header_is_the_decoded_size(form, height, width):
   if form == "png":
     contents = tf.io.encode_png(image).numpy()
   elif form in ("gif", "bmp"):
-    pil = pytest.importorskip("PIL.Image")  # Matplotlib's dependency.
+    from PIL import Image as pil  # pylint: disable=import-outside-toplevel
     import io
     buffer = io.BytesIO()
     pil.fromarray(image).save(buffer, format=form.upper())
