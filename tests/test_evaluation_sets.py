@@ -12,6 +12,7 @@ from research import data as data_lib
 from research.summaries import last_logged_steps
 
 
+@pytest.mark.slow
 def test_validation_during_training_and_the_test_set_once_at_the_end(
     tmp_path):
   data = data_lib.make_synthetic(num_train=256, num_test=128, seed=2)

@@ -258,6 +258,7 @@ def _train_and_evaluate(strategy, data, *, in_pipeline):
           [v.numpy() for v in state.model.weights], result)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["one_device", "mirrored_2"])
 def test_preprocessing_in_the_step_trains_exactly_as_in_the_pipeline(kind):
   """What GPUs get: uint8 pixels (and the drawn crops and flips) cross to

@@ -137,6 +137,7 @@ def selected_run(tmp_path_factory):
   return tmp_path, data, metrics
 
 
+@pytest.mark.slow
 def test_a_run_keeps_and_exports_the_best_and_reports_it(selected_run):
   tmp_path, data, metrics = selected_run
   curve = read_scalars(str(tmp_path / "run" / "validation"))["ece"]
@@ -163,6 +164,7 @@ def test_a_run_keeps_and_exports_the_best_and_reports_it(selected_run):
       final(data_lib.to_float(images))).numpy(), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_best_then_early_stopping_ends_the_run(tmp_path):
   """A rate too small to change any prediction: validation accuracy stays
   put, so the first evaluation (step 6) stays the best. Patience 2: two
@@ -189,6 +191,7 @@ def test_resume_keeps_the_best_then_early_stopping_ends_the_run(tmp_path):
   assert again == json.loads((tmp_path / "run" / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_evaluate_script_gives_the_loops_numbers_for_latest_and_best(
     selected_run, tmp_path):
   run_dir, _, metrics = selected_run
@@ -223,6 +226,7 @@ def plain_run(tmp_path_factory):
   return model_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["--checkpoint=best"], "no checkpoint in"),
     (["--eval_sets=validation"], "no evaluation set 'validation'"),
