@@ -39,12 +39,12 @@ train: install
 smoke: install
 	$(PY) scripts/train_loop.py --flagfile=configs/smoke.flags $(ARGS)
 
-# The whole suite (what CI runs): about 4½ minutes on 2 cores.
+# The whole suite (what CI runs): about 5 minutes on 2 cores.
 test: install
 	$(PYTEST) tests
 
-# The inner development loop: the tests that run in the test process (under
-# a minute); leaves out what starts processes or trains several runs (marked
+# The inner development loop: the tests that run in the test process (about
+# a minute); leaves out what starts processes or trains for seconds (marked
 # slow).
 test-fast: install
 	$(PYTEST) -m "not slow" tests
