@@ -49,6 +49,9 @@ def batch_sums(logits, labels, weights):
   correct = tf.cast(tf.equal(predicted, tf.cast(labels, tf.int32)), dtype)
   bin_ids = tf.minimum(tf.cast(confidence * NUM_BINS, tf.int32),
                        NUM_BINS - 1)
+  # A NaN confidence (NaN logits) casts to a different id on each device
+  # type: bin 0 everywhere, so that the ECE is NaN, like the loss.
+  bin_ids = tf.where(tf.math.is_finite(confidence), bin_ids, 0)
   columns = tf.stack([weights, weights * confidence, weights * correct],
                      axis=1)
   bins = tf.transpose(tf.math.unsorted_segment_sum(columns, bin_ids,

@@ -247,8 +247,9 @@ class Controller:
   def run(self) -> Evaluation:
     """Trains what is left, evaluating and saving on the cadence.
 
-    A run whose start step is already the total runs no step and evaluates
-    once (its last evaluation is not in memory).
+    A run whose start step is already the total, or whose actions already
+    give a stop reason (a run stopped early, resumed), runs no step and
+    evaluates once (its last evaluation is not in memory).
 
     Returns:
       The last evaluation (with the final evaluator's sets added).
@@ -260,13 +261,12 @@ class Controller:
     """
     try:
       last = None
-      while self.step < self.cadence.total_steps:
+      self.stop_reason = self._stop_reason()
+      while self.step < self.cadence.total_steps and not self.stop_reason:
         self._train_call()
         if self.cadence.evaluates_at(self.step):
           last = self._evaluate()
-        self.stop_reason = next(
-            (reason for reason in (a.stop_reason() for a in self.actions)
-             if reason), None)
+        self.stop_reason = self._stop_reason()
         if self.cadence.saves_at(self.step) or self.stop_reason:
           self._save()
         elif not self.cadence.checkpoint_every_steps:
@@ -298,6 +298,13 @@ class Controller:
     finally:
       for action in self.actions:
         action.close()
+
+  def _stop_reason(self) -> str | None:
+    # Ending early at the last step would be no early end.
+    if self.step >= self.cadence.total_steps:
+      return None
+    return next((reason for reason in (a.stop_reason() for a in self.actions)
+                 if reason), None)
 
   def _train_call(self) -> None:
     num_steps = self.next_call_size(self.step)

@@ -158,6 +158,10 @@ class EarlyStopping(Action):
     self.patience = patience
     self.min_delta = min_delta
     self.reason: str | None = None
+    # A run that stopped early and was resumed (say, killed before it wrote
+    # metrics.json) stops again at once, as the restored count says.
+    if int(best.state.stale_evaluations.numpy()) >= patience:
+      self._set_reason(int(best.state.stale_evaluations.numpy()))
 
   def after_evaluation(self, evaluation: Evaluation) -> None:
     result = evaluation.result.get(self.best.set_name)
@@ -178,11 +182,15 @@ class EarlyStopping(Action):
     state.stale_evaluations.assign_add(1)
     stale = int(state.stale_evaluations.numpy())
     if stale >= self.patience:
-      self.reason = (
-          f"early stopping: {self.best.metric} has not improved by more "
-          f"than {self.min_delta:g} in {stale} evaluations (best "
-          f"{float(state.best_value.numpy()):.4f} at step "
-          f"{int(state.best_step.numpy())})")
+      self._set_reason(stale)
+
+  def _set_reason(self, stale: int) -> None:
+    state = self.best.state
+    self.reason = (
+        f"early stopping: {self.best.metric} has not improved by more "
+        f"than {self.min_delta:g} in {stale} evaluations (best "
+        f"{float(state.best_value.numpy()):.4f} at step "
+        f"{int(state.best_step.numpy())})")
 
   def stop_reason(self) -> str | None:
     return self.reason

@@ -238,3 +238,34 @@ def test_evaluate_script_errors_are_one_line(plain_run, args, message):
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert lines[-1].startswith("error: ") and message in lines[-1], lines
+
+
+def test_a_resumed_run_that_had_stopped_early_trains_no_further(tmp_path):
+  """Killed after its early stop was saved but before metrics.json: the
+  restored count ends the run before any step, as the first run would have,
+  and patience running out at the very last step is no early stop."""
+  events = []
+  best, _ = _selection(tmp_path)
+  best.state.stale_evaluations.assign(2)
+  stopping = EarlyStopping(best=best, patience=2)
+  assert stopping.stop_reason().startswith("early stopping")
+  trainer = FakeTrainer(events)
+  trainer.step = 40
+  controller = Controller(
+      trainer=trainer, evaluator=trainer,
+      cadence=Cadence(total_steps=50, steps_per_loop=10, steps_per_epoch=10),
+      start_step=40, checkpointer=FakeCheckpointer(events),
+      summaries=FakeSummaries(events), actions=[best, stopping],
+      log=lambda line: None)
+  last = controller.run()
+  assert controller.stop_reason and last.step == 40
+  assert not [e for e in events if e[0] == "train"]
+  # At the last step the same count is no early stop: the run simply ends.
+  at_end = Controller(
+      trainer=trainer, evaluator=trainer,
+      cadence=Cadence(total_steps=40, steps_per_loop=10, steps_per_epoch=10),
+      start_step=40, checkpointer=FakeCheckpointer(events),
+      summaries=FakeSummaries(events), actions=[best, stopping],
+      log=lambda line: None)
+  at_end.run()
+  assert at_end.stop_reason is None
