@@ -253,6 +253,19 @@ def repo_root():
   return REPO
 
 
+def convnet_training(strategy, *, total_steps=1, learning_rate=1e-3, **step):
+  """``training.build_training`` of the CIFAR-10 ConvNet (10 classes,
+  32x32x3) under ``strategy``, with ``StepConfig(**step)``: ``(state,
+  runner)``."""
+  from research.config import ModelConfig, OptimizerConfig, StepConfig
+  from research.training import build_training
+  return build_training(
+      strategy=strategy, model_config=ModelConfig(),
+      optimizer_config=OptimizerConfig(learning_rate=learning_rate),
+      step_config=StepConfig(**step), num_classes=10,
+      image_shape=(32, 32, 3), total_steps=total_steps)
+
+
 def train_in_process(model_dir, data, *, strategy=None, log=None, **flat):
   """``research.train.train`` with a config built from flat names (the flags'
   names, ``global_batch_size`` for the batch), on the default strategy."""

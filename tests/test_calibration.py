@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import convnet_training
 from research import calibration
 from research import data as data_lib
 from research import distribute
-from research.config import ModelConfig, OptimizerConfig, StepConfig
-from research.training import build_training
 
 
 def _reference(logits, labels, bins=15):
@@ -94,11 +93,7 @@ def test_the_runner_reports_them_over_replicas_and_padding():
   numbers as numpy over the model's own logits."""
   cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
   strategy = distribute.mirrored_strategy(cpus[:2])
-  _, runner = build_training(
-      strategy=strategy, model_config=ModelConfig(),
-      optimizer_config=OptimizerConfig(),
-      step_config=StepConfig(global_batch_size=8), num_classes=10,
-      image_shape=(32, 32, 3), total_steps=1)
+  _, runner = convnet_training(strategy, global_batch_size=8)
   data = data_lib.make_synthetic(num_train=16, num_test=11, seed=3)
   result = runner.evaluate(
       strategy.distribute_datasets_from_function(

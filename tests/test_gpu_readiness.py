@@ -17,12 +17,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO
+from conftest import REPO, convnet_training
 from research import data as data_lib
 from research import distribute
-from research.config import ModelConfig, OptimizerConfig, StepConfig
 from research.errors import UserError
-from research.training import build_training
 
 # (device, replicas, strategy, deterministic) -> auto's XLA setting.
 # Only one GPU under OneDeviceStrategy, without determinism, gets XLA: the
@@ -76,11 +74,8 @@ def test_one_replica_mirrored_xla_compiles_the_step_but_not_the_update():
   """What a 1-GPU MirroredStrategy run with XLA does (finding 2): the
   forward and backward pass in XLA, the update outside it, and it trains."""
   strategy = _cpu_strategies()["mirrored_1"]
-  _, runner = build_training(
-      strategy=strategy, model_config=ModelConfig(),
-      optimizer_config=OptimizerConfig(),
-      step_config=StepConfig(global_batch_size=16, jit_compile=True),
-      num_classes=10, image_shape=(32, 32, 3), total_steps=4)
+  _, runner = convnet_training(strategy, total_steps=4, global_batch_size=16,
+                               jit_compile=True)
   assert isinstance(runner._replica_gradients, tf.types.experimental.GenericFunction)  # pylint: disable=protected-access
   assert not isinstance(runner._replica_apply, tf.types.experimental.GenericFunction)  # pylint: disable=protected-access
   data = data_lib.make_synthetic(num_train=64, num_test=8, seed=0)
@@ -205,11 +200,7 @@ def test_a_last_eval_batch_smaller_than_the_replicas_share_is_counted_once():
   empty). Padded with weight-0 rows, each replica gets 4 rows, and the
   result is that of the 11 real examples alone."""
   strategy = _cpu_strategies()["mirrored_2"]
-  _, runner = build_training(
-      strategy=strategy, model_config=ModelConfig(),
-      optimizer_config=OptimizerConfig(),
-      step_config=StepConfig(global_batch_size=8), num_classes=10,
-      image_shape=(32, 32, 3), total_steps=1)
+  _, runner = convnet_training(strategy, global_batch_size=8)
   data = data_lib.make_synthetic(num_train=16, num_test=11, seed=3)
   shapes = [[int(images.shape[0]) for images in
              strategy.experimental_local_results(step[0])]
@@ -236,11 +227,8 @@ def test_a_last_eval_batch_smaller_than_the_replicas_share_is_counted_once():
 
 def _train_and_evaluate(strategy, data, *, in_pipeline):
   tf.keras.utils.set_random_seed(5)
-  state, runner = build_training(
-      strategy=strategy, model_config=ModelConfig(),
-      optimizer_config=OptimizerConfig(),
-      step_config=StepConfig(global_batch_size=8), num_classes=10,
-      image_shape=(32, 32, 3), total_steps=6)
+  state, runner = convnet_training(strategy, total_steps=6,
+                                   global_batch_size=8)
   train = iter(strategy.distribute_datasets_from_function(
       lambda context: data_lib.make_train_dataset(
           data, global_batch_size=8, seed=2, num_epochs=3, augment=True,

@@ -4,22 +4,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import convnet_training
 from research import data as data_lib
 from research import model as model_lib
 from research import steps as steps_lib
-from research.config import ModelConfig
-from research.config import OptimizerConfig
-from research.config import StepConfig
-from research.training import build_training
 
 
 def _runner(strategy, *, global_batch_size, keep_short_batch=False, lr=1e-3):
-  _, runner = build_training(
-      strategy=strategy, model_config=ModelConfig(),
-      optimizer_config=OptimizerConfig(learning_rate=lr),
-      step_config=StepConfig(global_batch_size=global_batch_size,
-                             keep_short_batch=keep_short_batch),
-      num_classes=10, image_shape=(32, 32, 3), total_steps=1)
+  _, runner = convnet_training(strategy, learning_rate=lr,
+                               global_batch_size=global_batch_size,
+                               keep_short_batch=keep_short_batch)
   return runner
 
 
