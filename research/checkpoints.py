@@ -30,6 +30,8 @@ from research.errors import UserError
 
 # The file in a checkpoint directory that names its checkpoints (written by
 # CheckpointManager, atomically, after the checkpoint's own files).
+# Where a run directory keeps its checkpoints.
+CHECKPOINTS_SUBDIR = "checkpoints"
 STATE_FILE = "checkpoint"
 
 

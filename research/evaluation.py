@@ -17,6 +17,7 @@ import tensorflow as tf
 from research import checkpoints as checkpoints_lib
 from research import config as config_lib
 from research import data as data_lib
+from research import export as export_lib
 from research import files
 from research.config import StepConfig
 from research.errors import UserError
@@ -40,19 +41,16 @@ def resolve_checkpoint(model_dir: str, which: str) -> str:
   """``latest``, ``best`` or a path, as a checkpoint path prefix.
 
   Raises:
-    UserError: if the run has no such checkpoint.
+    UserError: if the run has no such checkpoint (``export.latest_checkpoint``
+      names a damaged state file).
   """
-  if which in ("latest", "best"):
-    directory = os.path.join(
-        model_dir, BEST_SUBDIR if which == "best" else "checkpoints")
-    path = tf.train.latest_checkpoint(directory) if os.path.isdir(
-        directory) else None
-    if path is None:
-      hint = (" (the run kept no best checkpoint: train with --best_metric)"
-              if which == "best" else "")
-      raise UserError(f"no checkpoint in {data_lib.display_path(directory)}"
-                      f"{hint}")
-    return path
+  if which == "latest":
+    return export_lib.latest_checkpoint(
+        os.path.join(model_dir, checkpoints_lib.CHECKPOINTS_SUBDIR))
+  if which == "best":
+    return export_lib.latest_checkpoint(
+        os.path.join(model_dir, BEST_SUBDIR),
+        first="the run kept no best checkpoint: train with --best_metric")
   return which
 
 

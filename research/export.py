@@ -284,14 +284,18 @@ def _found(directory: str) -> str:
   return f" (found: {', '.join(names)})" if names else ""
 
 
-def _latest_checkpoint(model_dir: str) -> str:
-  """The checkpoint the run's ``checkpoints/checkpoint`` state file names.
+def latest_checkpoint(directory: str, *, first: str = "train first") -> str:
+  """The checkpoint the state file of ``directory`` (a run's
+  ``checkpoints/``, or its ``best/``) names.
+
+  Args:
+    directory: A folder of checkpoints.
+    first: What to do first when there is none (in the message).
 
   Raises:
     UserError: naming the state file, if it is missing, unreadable, damaged
       or names a checkpoint that does not exist.
   """
-  directory = os.path.join(model_dir, "checkpoints")
   shown = data_lib.display_path(
       os.path.join(directory, checkpoints_lib.STATE_FILE))
   fix = (f"pass --checkpoint={data_lib.display_path(directory)}/ckpt-N"
@@ -299,7 +303,7 @@ def _latest_checkpoint(model_dir: str) -> str:
   parsed = checkpoints_lib.read_state(directory, fix=fix)
   if parsed is None:
     raise UserError(f"no checkpoint under {data_lib.display_path(directory)} "
-                    f"(no state file {shown}); train first or {fix}")
+                    f"(no state file {shown}); {first} or {fix}")
   path = parsed.model_checkpoint_path
   if not os.path.lexists(path + ".index"):
     name = data_lib.display_path(os.path.basename(path))
@@ -358,7 +362,8 @@ def load_model_from_run(model_dir: str, checkpoint: str | None = None
                     f"{fix}") from None
   class_names, image_shape = _spec_fields(spec, spec_path)
   model_config = model_config_of(spec)
-  path = checkpoint or _latest_checkpoint(model_dir)
+  path = checkpoint or latest_checkpoint(
+      os.path.join(model_dir, checkpoints_lib.CHECKPOINTS_SUBDIR))
   # A folder passed as --checkpoint: list the prefixes in it.
   near = path if os.path.isdir(path) else os.path.dirname(path) or "."
   checkpoints_lib.check_checkpoint(

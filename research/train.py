@@ -27,6 +27,7 @@ from research import preemption
 from research import resume
 from research import run_record as run_record_lib
 from research.actions import run_actions
+from research.checkpoints import CHECKPOINTS_SUBDIR
 from research.checkpoints import CheckpointKeeper
 from research.config import TrainConfig
 from research.controller import Cadence
@@ -128,7 +129,8 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
     selection = state.checkpoint.selection = SelectionState()
   keeper = CheckpointKeeper(
       checkpoint=state.checkpoint,
-      directory=os.path.join(config.model_dir, "checkpoints"),
+      directory=os.path.join(config.model_dir,
+                             CHECKPOINTS_SUBDIR),
       max_to_keep=config.loop.keep_checkpoints, is_chief=chief)
   restored = keeper.restore_latest()
   if state.has_constant_rate:

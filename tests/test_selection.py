@@ -228,7 +228,8 @@ def plain_run(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
-    (["--checkpoint=best"], "no checkpoint in"),
+    (["--checkpoint=best"], "the run kept no best checkpoint: train with "
+     "--best_metric"),
     (["--eval_sets=validation"], "no evaluation set 'validation'"),
     (["--checkpoint=/no/such/ckpt-3"], "ckpt-3"),
     (["--model_dir=/"], "holds no config.json"),
@@ -251,21 +252,21 @@ def test_a_resumed_run_that_had_stopped_early_trains_no_further(tmp_path):
   assert stopping.stop_reason().startswith("early stopping")
   trainer = FakeTrainer(events)
   trainer.step = 40
-  controller = Controller(
-      trainer=trainer, evaluator=trainer,
-      cadence=Cadence(total_steps=50, steps_per_loop=10, steps_per_epoch=10),
-      start_step=40, checkpointer=FakeCheckpointer(events),
-      summaries=FakeSummaries(events), actions=[best, stopping],
-      log=lambda line: None)
+
+  def resumed_at_40(total_steps):
+    return Controller(
+        trainer=trainer, evaluator=trainer,
+        cadence=Cadence(total_steps=total_steps, steps_per_loop=10,
+                        steps_per_epoch=10),
+        start_step=40, checkpointer=FakeCheckpointer(events),
+        summaries=FakeSummaries(events), actions=[best, stopping],
+        log=lambda line: None)
+
+  controller = resumed_at_40(50)
   last = controller.run()
   assert controller.stop_reason and last.step == 40
   assert not [e for e in events if e[0] == "train"]
   # At the last step the same count is no early stop: the run simply ends.
-  at_end = Controller(
-      trainer=trainer, evaluator=trainer,
-      cadence=Cadence(total_steps=40, steps_per_loop=10, steps_per_epoch=10),
-      start_step=40, checkpointer=FakeCheckpointer(events),
-      summaries=FakeSummaries(events), actions=[best, stopping],
-      log=lambda line: None)
+  at_end = resumed_at_40(40)
   at_end.run()
   assert at_end.stop_reason is None
