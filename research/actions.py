@@ -15,6 +15,7 @@ from typing import Callable
 
 from research import data as data_lib
 from research import export as export_lib
+from research import optim
 from research.config import ModelConfig
 from research.config import TrainConfig
 from research.controller import Action
@@ -37,11 +38,12 @@ class ExportAction(Action):
   ``export_dir`` is where it went (None until then).
   """
 
-  def __init__(self, *, model, model_config: ModelConfig, export_dir: str,
-               class_names, image_shape, log: Callable[[str], None],
+  def __init__(self, *, state: TrainingState, model_config: ModelConfig,
+               export_dir: str, class_names, image_shape,
+               log: Callable[[str], None],
                best: BestCheckpoint | None = None, model_dir: str = ""):
     """Args:
-      model: The trained model.
+      state: The trained state (its evaluation weights are exported).
       model_config: The registered model it is.
       export_dir: Where the SavedModel goes (replaced atomically).
       class_names: Name of each label id.
@@ -50,7 +52,7 @@ class ExportAction(Action):
       best: The best-checkpoint action, whose weights are exported.
       model_dir: The run directory (to rebuild the model of ``best``).
     """
-    self.model = model
+    self.state = state
     self.model_config = model_config
     self.target = export_dir
     self.class_names = class_names
@@ -62,15 +64,23 @@ class ExportAction(Action):
 
   def at_end(self, evaluation: Evaluation) -> None:
     del evaluation
-    model, what = self.model, "the trained weights"
     if self.best is not None and self.best.path:
       model, _, _ = export_lib.load_model_from_run(self.model_dir,
                                                    self.best.path)
       what = f"the best checkpoint ({self.best.metric})"
+      self._export(model)
+    else:
+      what = "the trained weights"
+      if optim.averaged_weights(self.state.optimizer) is not None:
+        what = "the averaged weights"
+      with self.state.evaluation_weights():
+        self._export(self.state.model)
+    self.log(f"exported a SavedModel of {what} to {self.export_dir}")
+
+  def _export(self, model) -> None:
     self.export_dir = export_lib.export_saved_model(
         model, self.target, class_names=self.class_names,
         image_shape=self.image_shape, model_config=self.model_config)
-    self.log(f"exported a SavedModel of {what} to {self.export_dir}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +131,7 @@ def run_actions(config: TrainConfig, *, state: TrainingState,
       progress,
       EvalImageReporter(
           summaries=summaries, model=state.model,
+          evaluation_weights=state.evaluation_weights,
           class_names=data.class_names,
           sample_images={
               name: tuple(array[:reporting.eval_images]
@@ -149,7 +160,7 @@ def run_actions(config: TrainConfig, *, state: TrainingState,
   export = None
   if reporting.export and is_chief:
     export = ExportAction(
-        model=state.model, model_config=config.model,
+        state=state, model_config=config.model,
         export_dir=os.path.join(config.model_dir, export_lib.EXPORT_SUBDIR),
         class_names=data.class_names, image_shape=data.image_shape, log=log,
         best=best, model_dir=config.model_dir)

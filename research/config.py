@@ -97,6 +97,8 @@ class OptimizerConfig:
     warmup_steps: Linear warmup steps.
     lr_decay_rate: ``step``/``exponential`` decay factor.
     lr_decay_steps: Steps per ``lr_decay_rate`` (0: see ``optim``).
+    ema_decay: Keep an exponential moving average of the weights with this
+      decay (0: none); evaluation, selection and export use it.
   """
   name: str = "adam"
   learning_rate: float = 0.001
@@ -107,6 +109,7 @@ class OptimizerConfig:
   warmup_steps: int = 0
   lr_decay_rate: float = 0.1
   lr_decay_steps: int = 0
+  ema_decay: float = 0.0
 
   def __post_init__(self):
     _one_of(self, "name", options.OPTIMIZERS)
@@ -119,6 +122,8 @@ class OptimizerConfig:
     if not 0 < self.lr_decay_rate <= 1:
       raise ValueError(f"lr_decay_rate must be in (0, 1], got "
                        f"{self.lr_decay_rate}")
+    if not 0 <= self.ema_decay < 1:
+      raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,10 +107,11 @@ def evaluate_run(model_dir: str, *, checkpoint: str = "latest",
                     f"restored into the run's model "
                     f"({data_lib.describe_error(e)})") from None
   evaluations = {}
-  for name in sets:
-    dataset = data_lib.make_eval_dataset(data, global_batch_size=batch,
-                                         eval_set=name)
-    result = runner.evaluate(
-        dataset, data_lib.eval_steps(len(data.eval_set(name)[1]), batch))
-    evaluations[name] = summarize(result, data.class_names)
+  with state.evaluation_weights():
+    for name in sets:
+      dataset = data_lib.make_eval_dataset(data, global_batch_size=batch,
+                                           eval_set=name)
+      result = runner.evaluate(
+          dataset, data_lib.eval_steps(len(data.eval_set(name)[1]), batch))
+      evaluations[name] = summarize(result, data.class_names)
   return {"checkpoint": path, "step": state.step, "evaluations": evaluations}

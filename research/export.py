@@ -235,10 +235,16 @@ def recover_interrupted_export(export_dir: str) -> None:
 
 
 def model_spec(*, class_names: Sequence[str], image_shape: Sequence[int],
-               model_config: ModelConfig) -> dict:
-  """What ``model.json`` records so a checkpoint can be rebuilt alone."""
+               model_config: ModelConfig, averaged_weights: bool = False
+               ) -> dict:
+  """What ``model.json`` records so a checkpoint can be rebuilt alone.
+
+  ``averaged_weights``: the run keeps an EMA of the weights, which is what
+  an export of its checkpoints holds.
+  """
   return {"model": dataclasses.asdict(model_config),
-          "class_names": list(class_names), "image_shape": list(image_shape)}
+          "class_names": list(class_names), "image_shape": list(image_shape),
+          "averaged_weights": averaged_weights}
 
 
 def model_config_of(spec: dict) -> ModelConfig:
@@ -331,7 +337,9 @@ def _spec_fields(spec, spec_path: str) -> tuple[list[str], tuple[int, ...]]:
 
 def load_model_from_run(model_dir: str, checkpoint: str | None = None
                         ) -> tuple[tf.keras.Model, dict, str]:
-  """Rebuilds a run's model and restores a checkpoint's weights into it.
+  """Rebuilds a run's model and restores a checkpoint's weights into it:
+  the moving averages of the trainable weights when the run keeps them
+  (``model.json``'s ``averaged_weights``), the trained weights otherwise.
 
   Args:
     model_dir: A training run's directory (with ``model.json`` and
@@ -381,6 +389,9 @@ def load_model_from_run(model_dir: str, checkpoint: str | None = None
   try:
     tf.train.Checkpoint(model=model).restore(path).expect_partial(
         ).assert_existing_objects_matched()
+    if spec.get("averaged_weights"):
+      tf.train.Checkpoint(averaged_weights=model.trainable_variables).restore(
+          path).expect_partial().assert_existing_objects_matched()
   except Exception as e:  # pylint: disable=broad-except
     # The files were read whole above; what fails here is the fit (a
     # checkpoint of another model: ValueError, AssertionError, OpError).

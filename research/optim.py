@@ -115,7 +115,8 @@ def make_schedule(name: str, *, base_learning_rate: float, total_steps: int,
 
 def make_optimizer(learning_rate, mixed_precision: str = "float32", *,
                    name: str = "adam", weight_decay: float = 0.0,
-                   momentum: float = 0.9, nesterov: bool = False
+                   momentum: float = 0.9, nesterov: bool = False,
+                   ema_decay: float = 0.0
                    ) -> tf.keras.optimizers.Optimizer:
   """A Keras optimizer, wrapped in a ``LossScaleOptimizer`` for float16.
 
@@ -132,9 +133,13 @@ def make_optimizer(learning_rate, mixed_precision: str = "float32", *,
       the same value are the same update.
     momentum: ``sgd`` only.
     nesterov: ``sgd`` only.
+    ema_decay: If > 0, the optimizer also keeps an exponential moving
+      average of the weights (Keras' ``use_ema``): after each applied update
+      ``average = d * average + (1 - d) * weight``, and ``average = weight``
+      after the first. ``averaged_weights`` reads it.
 
   Raises:
-    ValueError: for an unknown name or a negative number.
+    ValueError: for an unknown name or a number out of range.
   """
   if name not in OPTIMIZERS:
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
@@ -142,17 +147,23 @@ def make_optimizer(learning_rate, mixed_precision: str = "float32", *,
     raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
   if not 0 <= momentum < 1:
     raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+  if not 0 <= ema_decay < 1:
+    raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
   decay = weight_decay or None
+  # Keras' own average: updated inside apply(), so a skipped step skips it
+  # too, under any strategy (its TensorFlow backend updates each replica's
+  # copy); its variables are the optimizer's, so checkpoints hold them.
+  ema = {"use_ema": ema_decay > 0, "ema_momentum": ema_decay or 0.99}
   if name == "adam":
     optimizer = tf.keras.optimizers.Adam(learning_rate=learning_rate,
-                                         weight_decay=decay)
+                                         weight_decay=decay, **ema)
   elif name == "adamw":
     optimizer = tf.keras.optimizers.AdamW(learning_rate=learning_rate,
-                                          weight_decay=weight_decay)
+                                          weight_decay=weight_decay, **ema)
   else:
     optimizer = tf.keras.optimizers.SGD(learning_rate=learning_rate,
                                         momentum=momentum, nesterov=nesterov,
-                                        weight_decay=decay)
+                                        weight_decay=decay, **ema)
   if mixed_precision == "mixed_float16":
     optimizer = tf.keras.optimizers.LossScaleOptimizer(optimizer)
   return optimizer
@@ -187,6 +198,26 @@ def applies_presummed_gradients(optimizer: tf.keras.optimizers.Optimizer
   """Whether ``expect_presummed_gradients`` was applied to ``optimizer``."""
   inner = getattr(optimizer, "inner_optimizer", optimizer)
   return vars(inner).get("_all_reduce_sum_gradients") is list
+
+
+def averaged_weights(optimizer: tf.keras.optimizers.Optimizer
+                     ) -> list[tf.Variable] | None:
+  """The optimizer's moving averages of the trainable weights, in the order
+  of the variables it was built on; None without ``ema_decay``.
+
+  Raises:
+    RuntimeError: if this Keras keeps its averages elsewhere (another Keras
+      version).
+  """
+  inner = getattr(optimizer, "inner_optimizer", optimizer)
+  if not inner.use_ema:
+    return None
+  averages = getattr(inner, "_model_variables_moving_average", None)
+  if averages is None:
+    raise RuntimeError(
+        f"this Keras ({tf.keras.__version__}) optimizer keeps no "
+        f"_model_variables_moving_average; research/optim.py needs updating")
+  return list(averages)
 
 
 def current_learning_rate(optimizer: tf.keras.optimizers.Optimizer

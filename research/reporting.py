@@ -18,7 +18,8 @@ Tags (TensorBoard runs ``<model_dir>/train`` and one per evaluation set,
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, ContextManager, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -181,7 +182,9 @@ class EvalImageReporter(Action):
 
   def __init__(self, *, summaries: SummaryManager, model: tf.keras.Model,
                class_names: Sequence[str],
-               sample_images: dict[str, tuple[np.ndarray, np.ndarray]]):
+               sample_images: dict[str, tuple[np.ndarray, np.ndarray]],
+               evaluation_weights: Callable[[], ContextManager] =
+               contextlib.nullcontext):
     """Args:
       summaries: Where summaries go.
       model: The trained model.
@@ -189,9 +192,12 @@ class EvalImageReporter(Action):
       sample_images: Per evaluation set, ``(images, labels)``: uint8 images
         and their labels, shown with the model's predictions (no images: no
         grid).
+      evaluation_weights: Within it, the model holds the weights that were
+        evaluated (``TrainingState.evaluation_weights``).
     """
     self.summaries = summaries
     self.model = model
+    self.evaluation_weights = evaluation_weights
     self.class_names = list(class_names)
     self.sample_images = sample_images
 
@@ -205,7 +211,8 @@ class EvalImageReporter(Action):
                     result["reliability"], result["ece"])}
       pixels, labels = self.sample_images[set_name]
       if len(pixels):
-        logits = self.model(data_lib.to_float(pixels), training=False)
+        with self.evaluation_weights():
+          logits = self.model(data_lib.to_float(pixels), training=False)
         predictions = np.argmax(np.asarray(logits), axis=-1)
         images["predictions"] = figures.prediction_grid(
             pixels, labels, predictions, self.class_names)

@@ -257,7 +257,8 @@ def _write_run_files(config: TrainConfig, data: data_lib.ArrayData,
   files[resume.DATA_FILE] = resume.data_facts(data)
   files[export_lib.MODEL_SPEC_FILE] = export_lib.model_spec(
       class_names=data.class_names, image_shape=data.image_shape,
-      model_config=config.model)
+      model_config=config.model,
+      averaged_weights=config.optimizer.ema_decay > 0)
   for name, payload in files.items():
     write_json(os.path.join(config.model_dir, name), payload)
   if run_record is not None:

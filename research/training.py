@@ -8,8 +8,9 @@ drives: the step functions over one run's datasets.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import tensorflow as tf
 
@@ -35,6 +36,10 @@ class TrainingState:
     checkpoint: All of the above.
     learning_rate: The optimizer's rate: a float (held in a checkpointed
       variable) or a schedule of the step.
+
+  With an EMA of the weights (``ema_decay``), the optimizer holds the
+  averages; the model holds the raw weights, which training updates, and
+  holds the averages only inside ``evaluation_weights()``.
   """
   model: tf.keras.Model
   optimizer: tf.keras.optimizers.Optimizer
@@ -53,6 +58,27 @@ class TrainingState:
     """Whether the rate is a plain float (so a configured one can replace a
     restored one)."""
     return isinstance(self.learning_rate, float)
+
+  @contextlib.contextmanager
+  def evaluation_weights(self) -> Iterator[None]:
+    """Within it, the model holds the weights that evaluation, selection and
+    export use: the moving averages with an EMA (once a step has made
+    them), else the trained weights. The trained weights are put back,
+    bitwise, on exit. Call it between steps, not inside a step function.
+    """
+    averages = optim.averaged_weights(self.optimizer)
+    if averages is None or not int(self.optimizer.iterations.numpy()):
+      yield
+      return
+    variables = self.model.trainable_variables
+    trained = [tf.identity(v) for v in variables]
+    for variable, average in zip(variables, averages):
+      variable.assign(average)
+    try:
+      yield
+    finally:
+      for variable, value in zip(variables, trained):
+        variable.assign(value)
 
 
 def build_training(*, strategy: tf.distribute.Strategy,
@@ -110,7 +136,8 @@ def build_training(*, strategy: tf.distribute.Strategy,
         learning_rate, precision, name=optimizer_config.name,
         weight_decay=optimizer_config.weight_decay,
         momentum=optimizer_config.momentum,
-        nesterov=optimizer_config.nesterov)
+        nesterov=optimizer_config.nesterov,
+        ema_decay=optimizer_config.ema_decay)
     optimizer.build(model.trainable_variables)
     # The runner all-reduces the gradients itself (their global norm and
     # clipping need the sum), so the optimizer must not sum them again.
@@ -132,6 +159,13 @@ def build_training(*, strategy: tf.distribute.Strategy,
   checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
                                    global_step=global_step,
                                    skipped_steps=skipped_steps)
+  averages = optim.averaged_weights(optimizer)
+  if averages is not None:
+    # The optimizer's averages again, under a name of their own (saved
+    # once): a reader restores them into a bare model's trainable variables
+    # (export.load_model_from_run) without rebuilding this optimizer, whose
+    # variables are numbered by construction order.
+    checkpoint.averaged_weights = averages
   state = TrainingState(model, optimizer, global_step, skipped_steps,
                         checkpoint, learning_rate)
   return state, runner
@@ -179,8 +213,9 @@ class StepTrainer:
       Set name -> its result.
     """
     results = {}
-    for name in self.eval_sets if sets is None else sets:
-      dataset, num_steps = self.eval_datasets[name]
-      results[name] = self.runner.evaluate(
-          dataset, num_steps, steps_per_call=self.steps_per_eval_call)
+    with self.state.evaluation_weights():
+      for name in self.eval_sets if sets is None else sets:
+        dataset, num_steps = self.eval_datasets[name]
+        results[name] = self.runner.evaluate(
+            dataset, num_steps, steps_per_call=self.steps_per_eval_call)
     return results

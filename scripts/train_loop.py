@@ -64,6 +64,11 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                      upper_bound=0.999999, flag_values=fv)
   flags.DEFINE_bool("nesterov", False, "sgd: Nesterov momentum.",
                     flag_values=fv)
+  flags.DEFINE_float("ema_decay", 0.0,
+                     "Keep an exponential moving average of the weights with "
+                     "this decay (e.g. 0.999); evaluation, --best_metric and "
+                     "the export use it. 0: off.", lower_bound=0.0,
+                     upper_bound=0.999999, flag_values=fv)
   flags.DEFINE_enum("lr_schedule", "constant", options.LR_SCHEDULES,
                     "Learning-rate decay over the whole run, after warmup "
                     "(formulas in research/optim.py).", flag_values=fv)

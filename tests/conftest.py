@@ -253,7 +253,8 @@ def repo_root():
   return REPO
 
 
-def convnet_training(strategy, *, total_steps=1, learning_rate=1e-3, **step):
+def convnet_training(strategy, *, total_steps=1, learning_rate=1e-3,
+                     ema_decay=0.0, **step):
   """``training.build_training`` of the CIFAR-10 ConvNet (10 classes,
   32x32x3) under ``strategy``, with ``StepConfig(**step)``: ``(state,
   runner)``."""
@@ -261,7 +262,8 @@ def convnet_training(strategy, *, total_steps=1, learning_rate=1e-3, **step):
   from research.training import build_training
   return build_training(
       strategy=strategy, model_config=ModelConfig(),
-      optimizer_config=OptimizerConfig(learning_rate=learning_rate),
+      optimizer_config=OptimizerConfig(learning_rate=learning_rate,
+                                       ema_decay=ema_decay),
       step_config=StepConfig(**step), num_classes=10,
       image_shape=(32, 32, 3), total_steps=total_steps)
 

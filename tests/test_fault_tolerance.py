@@ -17,7 +17,10 @@ from conftest import (REPO, SCRIPTS, read_scalars, run_in_process,
                       write_image_folder)
 from research.run_lock import LOCK_FILE
 
-SMOKE = ["--flagfile=configs/smoke.flags", "--deterministic"]
+# With an EMA of the weights: resume must restore it too, and evaluation
+# (of the averages) must continue bitwise.
+SMOKE = ["--flagfile=configs/smoke.flags", "--deterministic",
+         "--ema_decay=0.9"]
 TRAIN_STEPS = [8, 16, 24, 32, 40, 48]
 EVAL_STEPS = [16, 32, 48]
 
@@ -37,6 +40,7 @@ def _assert_bitwise_equal(dir_a, dir_b):
   assert os.path.basename(path_a) == os.path.basename(path_b)
   assert a.keys() == b.keys()
   assert any("conv1" in k for k in a)
+  assert any(k.startswith("averaged_weights/") for k in a)
   for name in a:
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
@@ -87,8 +91,9 @@ def test_sigkill_then_rerun_is_bitwise_identical(tmp_path, reference_run,
   # determinism holds across processes, to the bit, curves included.
   _assert_bitwise_equal(model_dir, reference_run)
   _assert_each_step_once(model_dir)
-  assert (read_scalars(os.path.join(model_dir, "train"))["loss"] ==
-          read_scalars(os.path.join(reference_run, "train"))["loss"])
+  for run in ("train", "test"):
+    assert (read_scalars(os.path.join(model_dir, run))["loss"] ==
+            read_scalars(os.path.join(reference_run, run))["loss"])
 
 
 @pytest.mark.slow
