@@ -170,9 +170,10 @@ class LoopConfig:
     eval_every_steps: Also evaluate every this many steps (0: epochs only).
     checkpoint_every_steps: Save every this many steps (0: only at the end).
     keep_checkpoints: Newest checkpoints to keep.
-    eval_sets: The sets evaluated during training (``options.EVAL_SETS``).
+    eval_sets: The sets evaluated during training (``options.EVAL_SETS``);
+      none: no evaluation during training (a sidecar evaluator's job).
     final_eval_sets: The sets evaluated once after the last step (with
-      those of ``eval_sets`` at that step).
+      those of ``eval_sets`` at that step); may be none.
     best_metric: ``SET/METRIC`` (e.g. ``validation/accuracy``, a set of
       ``eval_sets``) whose best evaluation is kept in ``best/`` and
       exported; None for no selection.
@@ -196,7 +197,7 @@ class LoopConfig:
     _at_least(self, 0, "eval_every_steps", "checkpoint_every_steps")
     for name in ("eval_sets", "final_eval_sets"):
       sets = getattr(self, name)
-      if not sets or len(set(sets)) != len(sets) or not set(sets) <= set(
+      if len(set(sets)) != len(sets) or not set(sets) <= set(
           options.EVAL_SETS):
         raise ValueError(f"{name} must be distinct names among "
                          f"{options.EVAL_SETS}, got {tuple(sets)}")

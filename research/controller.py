@@ -192,7 +192,7 @@ class Action:
 class Controller:
   """Runs training to ``cadence.total_steps`` (see the module docstring)."""
 
-  def __init__(self, *, trainer: Trainer, evaluator: Evaluator,
+  def __init__(self, *, trainer: Trainer, evaluator: Evaluator | None,
                cadence: Cadence, start_step: int, checkpointer: Checkpointer,
                summaries: Summaries, actions: Sequence[Action] = (),
                stop_requested: Callable[[], str | None] = lambda: None,
@@ -201,7 +201,8 @@ class Controller:
                log: Callable[[str], None] = print):
     """Args:
       trainer: Trains ``n`` steps per call.
-      evaluator: Evaluates the current weights.
+      evaluator: Evaluates the current weights; None: no evaluation on
+        the cadence (the final evaluator may still run).
       cadence: Call sizes, evaluations and checkpoints.
       start_step: The global step training starts from (after a restore).
       checkpointer: Saves checkpoints.
@@ -264,7 +265,7 @@ class Controller:
       self.stop_reason = self._stop_reason()
       while self.step < self.cadence.total_steps and not self.stop_reason:
         self._train_call()
-        if self.cadence.evaluates_at(self.step):
+        if self.evaluator and self.cadence.evaluates_at(self.step):
           last = self._evaluate()
         self.stop_reason = self._stop_reason()
         if self.cadence.saves_at(self.step) or self.stop_reason:
@@ -286,7 +287,8 @@ class Controller:
                    f"checkpoint saved; run the same command to resume")
           raise Preempted(self.step, path, signal_name)
       if last is None:
-        last = self._evaluate()
+        last = (self._evaluate() if self.evaluator
+                else Evaluation(self.step, {}, 0.0))
       if self.final_evaluator is not None:
         extra = self._evaluate(self.final_evaluator)
         last = Evaluation(self.step, {**last.result, **extra.result},

@@ -19,7 +19,7 @@ Tags (TensorBoard runs ``<model_dir>/train`` and one per evaluation set,
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -123,17 +123,27 @@ class ProgressReporter(Action):
     """Logs a line per evaluated set and queues its scalars."""
     step = evaluation.step
     for set_name, result in evaluation.result.items():
-      scalars = {name: result[name] for name in
-                 ("loss", "accuracy", "nll", "brier", "ece")}
-      for name, value in zip(self.class_names, result["class_accuracy"]):
-        if np.isfinite(value):
-          scalars[f"class_accuracy/{name}"] = float(value)
-      self.summaries.scalars(set_name, scalars, step)
+      self.summaries.scalars(set_name,
+                             evaluation_scalars(result, self.class_names),
+                             step)
       self.log(f"eval {set_name} step {step}/{self.total_steps} epoch "
                f"{step / self.steps_per_epoch:.2f} loss "
                f"{result['loss']:.4f} accuracy {result['accuracy']:.4f} "
                f"({result['correct']}/{result['count']}) ece "
                f"{result['ece']:.4f} {evaluation.seconds:.1f}s")
+
+
+def evaluation_scalars(result: dict[str, Any], class_names: Sequence[str]
+                       ) -> dict[str, float]:
+  """One set's evaluation (``StepRunner.evaluate``) as the scalars
+  TensorBoard shows: loss, accuracy, calibration, per-class accuracy (of the
+  classes the set has)."""
+  scalars = {name: result[name] for name in
+             ("loss", "accuracy", "nll", "brier", "ece")}
+  for name, value in zip(class_names, result["class_accuracy"]):
+    if np.isfinite(value):
+      scalars[f"class_accuracy/{name}"] = float(value)
+  return scalars
 
 
 class HistogramReporter(Action):

@@ -31,15 +31,19 @@ LOCK_FILE = ".lock"
 class RunLock:
   """The exclusive lock of one run directory (a context manager)."""
 
-  def __init__(self, model_dir: str, *, argv: list[str] | None = None):
+  def __init__(self, model_dir: str, *, argv: list[str] | None = None,
+               holder: str = "trainer"):
     """Args:
-      model_dir: The run directory (created if missing).
+      model_dir: The run directory (created if missing), or the folder of
+        another sole writer (a sidecar evaluator's).
       argv: The holder's command line, for a second trainer's message
         (default: ``sys.argv``).
+      holder: What holds the lock, for that message.
     """
     self.path = os.path.join(model_dir, LOCK_FILE)
     self.model_dir = model_dir
     self.argv = list(sys.argv if argv is None else argv)
+    self.holder = holder
     self._file = None
 
   def acquire(self) -> None:
@@ -60,9 +64,9 @@ class RunLock:
         holder = " ".join(lock_file.read().split()) or "another process"
         lock_file.close()
         raise UserError(
-            f"--model_dir={self.model_dir} is in use by another trainer "
-            f"({holder}); wait for it to finish or stop it, or pass another "
-            f"--model_dir") from None
+            f"--model_dir={self.model_dir} is in use by another "
+            f"{self.holder} ({holder}); wait for it to finish or stop it, or "
+            f"pass another --model_dir") from None
       # ENOLCK, EOPNOTSUPP, ...: this filesystem cannot lock.
       logging.warning("cannot lock %s (%s): the filesystem does not support "
                       "locks; make sure no other trainer uses this run",

@@ -184,7 +184,8 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
     watcher = preemption.PreemptionWatcher(strategy)
     held.callback(watcher.close)
     controller = Controller(
-        trainer=trainer, evaluator=trainer, cadence=cadence,
+        trainer=trainer,
+        evaluator=trainer if config.loop.eval_sets else None, cadence=cadence,
         start_step=state.step, checkpointer=keeper, summaries=summaries,
         actions=actions.all, stop_requested=watcher.should_stop,
         stop_on_nonfinite=config.step.nan_policy == "stop",
@@ -218,19 +219,19 @@ def _eval_dataset(config: TrainConfig, data: data_lib.ArrayData,
 def _final_metrics(config, data, strategy, state, cadence, actions, final, *,
                    seconds: float) -> dict:
   """What ``metrics.json`` holds (see ``train``)."""
-  # eval_* (as before evaluation sets): the test set's, when evaluated.
-  headline = "test" if "test" in final.result else next(iter(final.result))
-  result = final.result[headline]
+  # eval_* (as before evaluation sets): the test set's, when evaluated; None
+  # when nothing was (evaluation left to a sidecar).
+  headline = "test" if "test" in final.result else next(iter(final.result),
+                                                        None)
+  headline_metrics = {f"eval_{name}": None for name in (
+      "accuracy", "loss", "correct", "count", "nll", "brier", "ece",
+      "class_accuracy")}
+  if headline:
+    summary = evaluation.summarize(final.result[headline], data.class_names)
+    headline_metrics = {f"eval_{name}": value
+                        for name, value in summary.items()}
   return {
-      "eval_accuracy": result["accuracy"],
-      "eval_loss": result["loss"],
-      "eval_correct": result["correct"],
-      "eval_count": result["count"],
-      "eval_nll": result["nll"],
-      "eval_brier": result["brier"],
-      "eval_ece": result["ece"],
-      "eval_class_accuracy": dict(zip(
-          data.class_names, [float(a) for a in result["class_accuracy"]])),
+      **headline_metrics,
       "global_step": state.step,
       "optimizer_steps": int(state.optimizer.iterations.numpy()),
       "skipped_steps": int(state.skipped_steps.numpy()),

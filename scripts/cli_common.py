@@ -178,7 +178,8 @@ def train_config_from_flags(fv: flags.FlagValues, *, model_dir: str, strategy):
 
   The flags that are not fields as they stand are resolved first: the global
   batch size, XLA, the profile steps, the image size and the evaluation
-  sets (``config.default_eval_sets`` when not given).
+  sets (``config.default_eval_sets`` when not given; none with
+  ``--noeval_in_loop``).
 
   Raises:
     UserError: if the global batch does not divide over the replicas, or
@@ -191,6 +192,11 @@ def train_config_from_flags(fv: flags.FlagValues, *, model_dir: str, strategy):
   jit_compile = distribute.resolve_jit_compile(
       fv.jit_compile, strategy, deterministic=fv.deterministic)
   during, final = config_lib.default_eval_sets(fv.validation_size)
+  if not fv.eval_in_loop:
+    if fv.eval_sets or fv.final_eval_sets:
+      raise UserError("--noeval_in_loop evaluates nothing in the loop: drop "
+                      "--eval_sets and --final_eval_sets, or --noeval_in_loop")
+    during = final = ()
   resolved = {
       "model_dir": model_dir, "global_batch_size": global_batch_size,
       "jit_compile": jit_compile,

@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
-"""Evaluates a checkpoint of a training run, apart from training.
+"""Evaluates checkpoints of a training run, apart from training.
 
   python scripts/evaluate.py --model_dir=logs/run --checkpoint=best \\
       --eval_sets=validation,test [--json_out=results.json]
+  python scripts/evaluate.py --model_dir=logs/run --continuous [--timeout=600]
 
 Rebuilds the run from its config.json (the same data and validation split,
 the model in the same precision), restores the checkpoint (latest, best, or
 a path) and prints one line per set; the numbers are those an evaluation in
-the training loop gives for the same weights. Reads the run directory only:
-it may run beside the trainer.
+the training loop gives for the same weights. It reads the run directory
+and may run beside the trainer. With --continuous it is a sidecar: it
+evaluates each new checkpoint of the running job once, writes the TensorBoard
+runs evaluator/<set> and evaluator/evaluations.json, and stops after the
+run's final checkpoint or --timeout seconds without a new one.
 """
 
 from __future__ import annotations
@@ -44,6 +48,15 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                     "run has).", flag_values=fv)
   flags.DEFINE_string("json_out", None, "Also write the results here.",
                       flag_values=fv)
+  flags.DEFINE_bool("continuous", False,
+                    "Sidecar: evaluate each new checkpoint of the run as it "
+                    "appears, until its final one.", flag_values=fv)
+  flags.DEFINE_float("timeout", 3600.0,
+                     "--continuous: stop after this many seconds without a "
+                     "new checkpoint.", lower_bound=0.0, flag_values=fv)
+  flags.DEFINE_float("poll_seconds", 2.0,
+                     "--continuous: seconds between looks for a new "
+                     "checkpoint.", lower_bound=0.0, flag_values=fv)
   flags.mark_flag_as_required("model_dir", flag_values=fv)
 
 
@@ -57,7 +70,18 @@ def run(fv: flags.FlagValues, args: list[str]) -> None:
   cli.refuse_arguments(args)
   from research import evaluation
   from research.files import write_json
+  if fv.continuous and fv["checkpoint"].present:
+    cli.exit_with_error("--continuous evaluates every checkpoint of the run; "
+                        "drop --checkpoint, or --continuous")
   try:
+    if fv.continuous:
+      records = evaluation.evaluate_continuously(
+          fv.model_dir, eval_sets=fv.eval_sets, timeout=fv.timeout,
+          poll_seconds=fv.poll_seconds, log=lambda line: print(line,
+                                                               flush=True))
+      if fv.json_out:
+        write_json(fv.json_out, records)
+      return
     results = evaluation.evaluate_run(fv.model_dir, checkpoint=fv.checkpoint,
                                       eval_sets=fv.eval_sets)
     if fv.json_out:

@@ -10,6 +10,12 @@ prefixed with [worker i]. If a worker fails, the others are stopped and the
 launcher exits non-zero, naming it. SIGTERM (or Ctrl-C) is passed on to every
 worker, which saves a checkpoint and exits with status 143; so does the
 launcher then.
+
+With --evaluator, a sidecar evaluator runs beside them (scripts/evaluate.py
+--continuous on the job's --model_dir, as the TF_CONFIG task "evaluator",
+which is not part of the training cluster): it evaluates each checkpoint
+the chief saves, and the launcher waits for it to finish after the workers
+succeed (it stops after the final checkpoint), or stops it with them.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ import cli_common as cli  # noqa: E402  (scripts/cli_common.py)
 FLAGS = flags.FLAGS
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                             "train_loop.py")
+EVALUATE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                               "evaluate.py")
 # As research.preemption (no TensorFlow here): the statuses of workers that
 # saved a checkpoint and stopped on SIGTERM or on Ctrl-C.
 PREEMPTED_EXIT_STATUS = 143
@@ -54,6 +62,13 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                        "CUDA_VISIBLE_DEVICES (default: 1 when there are GPUs,"
                        " 0 otherwise; 0 hides every GPU from the workers).",
                        lower_bound=0, flag_values=fv)
+  flags.DEFINE_bool("evaluator", False,
+                    "Also run a sidecar evaluator (evaluate.py --continuous) "
+                    "on the job's --model_dir.", flag_values=fv)
+  flags.DEFINE_list("evaluator_flags", [],
+                    "More evaluate.py flags for the sidecar, e.g. "
+                    "--evaluator_flags=--eval_sets=validation,--timeout=600.",
+                    flag_values=fv)
   flags.DEFINE_float("grace_seconds", 20.0,
                      "After a failure or SIGTERM, how long workers get to "
                      "exit before they are killed.", lower_bound=0,
@@ -73,11 +88,25 @@ def free_ports(count: int) -> list[int]:
   return ports
 
 
-def tf_config(ports: list[int], index: int) -> str:
-  """The TF_CONFIG of worker ``index`` in a local cluster."""
+def tf_config(ports: list[int], index: int, task_type: str = "worker"
+              ) -> str:
+  """The TF_CONFIG of task ``index`` of ``task_type`` (``worker``, or the
+  ``evaluator``, which is no member of the cluster) in a local cluster."""
   return json.dumps({
       "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-      "task": {"type": "worker", "index": index}})
+      "task": {"type": task_type, "index": index}})
+
+
+def model_dir_of(train_args: list[str]) -> str | None:
+  """The ``--model_dir`` among ``train_loop.py``'s flags (the last one), or
+  None."""
+  found = None
+  for i, arg in enumerate(train_args):
+    if arg.startswith("--model_dir="):
+      found = arg.split("=", 1)[1]
+    elif arg == "--model_dir" and i + 1 < len(train_args):
+      found = train_args[i + 1]
+  return found
 
 
 def _pump(name: str, stream, out) -> None:
@@ -155,8 +184,20 @@ def worker_gpus(num_workers: int, gpus: list[str],
           for i in range(num_workers)]
 
 
+def _start(name: str, command: list[str], env: dict) -> subprocess.Popen:
+  """Starts a task in its own process group (killed with its children),
+  relaying its output lines prefixed with ``[name]``."""
+  proc = subprocess.Popen(
+      [sys.executable, "-u", *command], env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  threading.Thread(target=_pump, args=(name, proc.stdout, sys.stdout),
+                   daemon=True).start()
+  return proc
+
+
 def launch(num_workers: int, train_args: list[str], grace_seconds: float,
-           gpus_each: list[str] | None = None) -> int:
+           gpus_each: list[str] | None = None,
+           evaluator_args: list[str] | None = None) -> int:
   """Starts the workers, relays their output, and waits for them.
 
   Args:
@@ -165,11 +206,14 @@ def launch(num_workers: int, train_args: list[str], grace_seconds: float,
     grace_seconds: How long workers get to exit after a failure or signal.
     gpus_each: Each worker's ``CUDA_VISIBLE_DEVICES`` (``worker_gpus``);
       None leaves the environment's.
+    evaluator_args: ``evaluate.py``'s flags to start a sidecar evaluator
+      with (None: none). It sees no GPU when the workers were given GPUs.
 
   Returns:
     0 if every worker succeeded; 143 or 130 if they saved and stopped on
     SIGTERM or Ctrl-C (130 if any worker was interrupted); otherwise
-    the failing worker's status (or 1 for a signal).
+    the failing worker's status (or 1 for a signal). The evaluator's status
+    is reported, not returned.
   """
   ports = free_ports(num_workers)
   workers = []
@@ -186,20 +230,48 @@ def launch(num_workers: int, train_args: list[str], grace_seconds: float,
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if gpus_each is not None:
       env["CUDA_VISIBLE_DEVICES"] = gpus_each[i]
-    proc = subprocess.Popen(
-        [sys.executable, "-u", TRAIN_SCRIPT, *train_args,
-         "--strategy=multi_worker_mirrored"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)  # Its own group: killed with its children.
-    threading.Thread(target=_pump, args=(f"worker {i}", proc.stdout,
-                                         sys.stdout), daemon=True).start()
-    workers.append(proc)
+    workers.append(_start(f"worker {i}", [
+        TRAIN_SCRIPT, *train_args, "--strategy=multi_worker_mirrored"], env))
   gpus_shown = ("" if gpus_each is None else "; GPUs " + ", ".join(
       g or "none" for g in gpus_each))
   print(f"launched {num_workers} workers on 127.0.0.1 ports "
         f"{', '.join(map(str, ports))} (pids "
         f"{', '.join(str(p.pid) for p in workers)}){gpus_shown}", flush=True)
+  evaluator = None
+  if evaluator_args is not None:
+    env = dict(os.environ, TF_CONFIG=tf_config(ports, 0, "evaluator"))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if gpus_each is not None and any(gpus_each):
+      env["CUDA_VISIBLE_DEVICES"] = ""  # The workers' GPUs are theirs.
+    evaluator = _start("evaluator", [EVALUATE_SCRIPT, "--continuous",
+                                     *evaluator_args], env)
+    print(f"launched a sidecar evaluator (pid {evaluator.pid})", flush=True)
+  code = None
+  try:
+    code = _wait_for_workers(workers, stop_signal, grace_seconds)
+  finally:
+    if evaluator is not None:
+      _finish_evaluator(evaluator, succeeded=code == 0,
+                        grace_seconds=grace_seconds)
+  return code
 
+
+def _finish_evaluator(evaluator: subprocess.Popen, *, succeeded: bool,
+                      grace_seconds: float) -> None:
+  """Waits for the sidecar after a successful job (it stops by itself after
+  the final checkpoint), else stops it; reports its status."""
+  if not succeeded:
+    _stop([evaluator], signal.SIGTERM, grace_seconds)
+    return
+  code = evaluator.wait()
+  if code:
+    sys.stderr.write(f"warning: the evaluator exited with "
+                     f"{describe_status(code)}\n")
+
+
+def _wait_for_workers(workers, stop_signal, grace_seconds) -> int:
+  """Relays a stop signal to the workers and waits for them (``launch``'s
+  return value)."""
   forwarded = False
   while True:
     if stop_signal and not forwarded:
@@ -238,8 +310,15 @@ def main(argv):
                             FLAGS.gpus_per_worker)
   except ValueError as e:
     cli.exit_with_error(str(e))
+  evaluator_args = None
+  if FLAGS.evaluator:
+    model_dir = model_dir_of(train_args)
+    if not model_dir:
+      cli.exit_with_error("--evaluator needs the job's --model_dir among the "
+                          "train_loop.py flags (after --)")
+    evaluator_args = [f"--model_dir={model_dir}", *FLAGS.evaluator_flags]
   sys.exit(launch(FLAGS.num_workers, train_args, FLAGS.grace_seconds,
-                  gpus_each))
+                  gpus_each, evaluator_args))
 
 
 if __name__ == "__main__":

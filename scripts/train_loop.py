@@ -126,6 +126,10 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                     "Sets evaluated once at the end (default: validation,"
                     "test with --validation_size, else test).",
                     flag_values=fv)
+  flags.DEFINE_bool("eval_in_loop", True,
+                    "Evaluate during and at the end of training; "
+                    "--noeval_in_loop leaves all evaluation to a sidecar "
+                    "(scripts/evaluate.py --continuous).", flag_values=fv)
   flags.DEFINE_string("best_metric", None,
                       "SET/METRIC to select on, e.g. validation/accuracy "
                       "(metrics: " + ", ".join(options.METRIC_DIRECTIONS) +
