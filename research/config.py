@@ -12,6 +12,7 @@ Importable without TensorFlow.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
 from research import options
@@ -31,6 +32,13 @@ def _one_of(part, name: str, choices) -> None:
   value = getattr(part, name)
   if value not in choices:
     raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def is_eval_set_name(name: str) -> bool:
+  """Whether ``name`` can name an evaluation set (``options``' rule)."""
+  return (isinstance(name, str) and
+          re.fullmatch(options.EVAL_SET_NAME_PATTERN, name) is not None and
+          name not in options.RESERVED_RUN_NAMES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,11 +204,12 @@ class LoopConfig:
     _at_least(self, 1, "epochs", "steps_per_loop", "keep_checkpoints")
     _at_least(self, 0, "eval_every_steps", "checkpoint_every_steps")
     for name in ("eval_sets", "final_eval_sets"):
+      # Which sets exist depends on the data: train.train checks that.
       sets = getattr(self, name)
-      if len(set(sets)) != len(sets) or not set(sets) <= set(
-          options.EVAL_SETS):
-        raise ValueError(f"{name} must be distinct names among "
-                         f"{options.EVAL_SETS}, got {tuple(sets)}")
+      if len(set(sets)) != len(sets) or not all(
+          is_eval_set_name(s) for s in sets):
+        raise ValueError(f"{name} must be distinct set names (validation, "
+                         f"test, or one the dataset adds), got {tuple(sets)}")
     _at_least(self, 0, "early_stopping_patience", "early_stopping_min_delta")
     if self.best_metric is not None:
       set_name, _, metric = self.best_metric.partition("/")

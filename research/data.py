@@ -36,12 +36,15 @@ import re
 import stat
 import struct
 import zipfile
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import tensorflow as tf
 
 from research.config import DataConfig
+from research.config import is_eval_set_name
+from research.options import EVAL_SETS
+from research.options import RESERVED_RUN_NAMES
 from research.errors import UserError
 from research.registry import Registry
 
@@ -64,6 +67,13 @@ class ArrayData:
     validation_images: uint8 array ``[V, H, W, C]`` held out of the
       training examples (``split_validation``), or None.
     validation_labels: int32 array ``[V]``, or None.
+    extra_eval_sets: More evaluation sets the source adds (e.g. a shifted
+      or corrupted test set), name -> ``(images, labels)`` as the test set;
+      each is evaluated and logged like ``test`` when a run names it.
+
+  Raises:
+    ValueError: for an extra set whose name is taken or not a valid set
+      name (``config.is_eval_set_name``).
   """
   train_images: np.ndarray
   train_labels: np.ndarray
@@ -72,6 +82,16 @@ class ArrayData:
   class_names: tuple[str, ...]
   validation_images: np.ndarray | None = None
   validation_labels: np.ndarray | None = None
+  extra_eval_sets: Mapping[str, tuple[np.ndarray, np.ndarray]] = (
+      dataclasses.field(default_factory=dict))
+
+  def __post_init__(self):
+    for name in self.extra_eval_sets:
+      if name in EVAL_SETS or not is_eval_set_name(name):
+        raise ValueError(f"a dataset's extra evaluation set cannot be named "
+                         f"{name!r}: use lowercase letters, digits and _, "
+                         f"not {', '.join(EVAL_SETS)} or "
+                         f"{', '.join(RESERVED_RUN_NAMES)}")
 
   @property
   def num_classes(self) -> int:
@@ -79,10 +99,10 @@ class ArrayData:
 
   @property
   def eval_set_names(self) -> tuple[str, ...]:
-    """The sets that can be evaluated: ``validation`` (if split off) and
-    ``test``."""
-    return (("validation",) if self.validation_labels is not None
-            else ()) + ("test",)
+    """The sets that can be evaluated: ``validation`` (if split off),
+    ``test`` and the source's extra sets."""
+    return ((("validation",) if self.validation_labels is not None
+             else ()) + ("test",) + tuple(self.extra_eval_sets))
 
   def eval_set(self, name: str) -> tuple[np.ndarray, np.ndarray]:
     """``(images, labels)`` of the evaluation set ``name``.
@@ -97,7 +117,9 @@ class ArrayData:
                       f"{', '.join(self.eval_set_names)}{fix}")
     if name == "validation":
       return self.validation_images, self.validation_labels
-    return self.test_images, self.test_labels
+    if name == "test":
+      return self.test_images, self.test_labels
+    return self.extra_eval_sets[name]
 
   @property
   def image_shape(self) -> tuple[int, int, int]:

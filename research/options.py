@@ -13,7 +13,13 @@ FAULTS = ("none", "unscaled_loss", "unscaled_regularization")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "step", "exponential")
 NAN_POLICIES = ("stop", "skip")
+# The evaluation sets every dataset can have; a data source may add more
+# (``data.ArrayData.extra_eval_sets``), named by EVAL_SET_NAME_PATTERN and
+# none of RESERVED_RUN_NAMES (a set is a TensorBoard run of the run folder).
 EVAL_SETS = ("validation", "test")
+EVAL_SET_NAME_PATTERN = r"[a-z][a-z0-9_]{0,63}"
+RESERVED_RUN_NAMES = ("train", "evaluator", "checkpoints", "best", "export",
+                      "plugins")
 # Metrics every evaluation reports, and whether larger is better (model
 # selection: --best_metric=SET/METRIC).
 METRIC_DIRECTIONS = {"accuracy": "max", "loss": "min", "nll": "min",

@@ -100,7 +100,8 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
 
   Raises:
     UserError: if the run cannot start (see ``cadence_of``; a validation
-      split that does not fit, ``data.split_validation``), the model
+      split that does not fit, ``data.split_validation``; an evaluation set
+      the data does not have), the model
       directory holds another experiment or an incompatible checkpoint, or
       a save or the export fails.
     NonFiniteLossError: on a non-finite loss or gradient with
@@ -111,6 +112,8 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
   start_time = time.time()
   chief = distribute.is_chief(strategy)
   data = data_lib.split_validation(data, config.data.validation_size)
+  for name in (*config.loop.eval_sets, *config.loop.final_eval_sets):
+    data.eval_set(name)  # Refuses a set this data does not have.
   cadence = cadence_of(config, data)
   changes = resume.check(config, data)  # Refuses another experiment.
 

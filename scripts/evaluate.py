@@ -43,8 +43,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                       "--best_metric) or a checkpoint path prefix.",
                       flag_values=fv)
   flags.DEFINE_list("eval_sets", None,
-                    "Sets to evaluate, among "
-                    f"{','.join(options.EVAL_SETS)} (default: every set the "
+                    "Sets to evaluate: "
+                    f"{','.join(options.EVAL_SETS)} or one the dataset adds "
+                    "(default: every set the "
                     "run has).", flag_values=fv)
   flags.DEFINE_string("json_out", None, "Also write the results here.",
                       flag_values=fv)

@@ -119,8 +119,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                        "(stratified by class, the same for every --seed); 0 "
                        "for none.", lower_bound=0, flag_values=fv)
   flags.DEFINE_list("eval_sets", None,
-                    "Sets evaluated during training, among "
-                    f"{','.join(options.EVAL_SETS)} (default: validation "
+                    "Sets evaluated during training: "
+                    f"{','.join(options.EVAL_SETS)} or one the dataset adds "
+                    "(default: validation "
                     "with --validation_size, else test).", flag_values=fv)
   flags.DEFINE_list("final_eval_sets", None,
                     "Sets evaluated once at the end (default: validation,"

@@ -1,6 +1,7 @@
 """Evaluation sets: validation during training, the test set once at the
 end, each its own TensorBoard run and metrics.json entry (issue 16)."""
 
+import dataclasses
 import json
 import os
 
@@ -9,6 +10,8 @@ import pytest
 from conftest import read_scalars, train_in_process
 from research import config as config_lib
 from research import data as data_lib
+from research import evaluation
+from research.errors import UserError
 from research.summaries import last_logged_steps
 
 
@@ -60,3 +63,60 @@ def test_the_defaults_follow_the_split():
   with pytest.raises(ValueError, match="validation_size is 0"):
     config_lib.from_flat({"model_dir": "d", "final_eval_sets": (
         "validation", "test")})
+
+
+def _with_flipped_test_set(config, *, seed):
+  """A source adding its own set: the test images mirrored."""
+  base = data_lib.make_synthetic(num_train=config.synthetic_train_size,
+                                 num_test=config.synthetic_test_size,
+                                 seed=seed)
+  return dataclasses.replace(base, extra_eval_sets={
+      "test_flipped": (base.test_images[:, :, ::-1], base.test_labels)})
+
+
+@pytest.fixture
+def flipped_source():
+  data_lib.register_dataset("synthetic_flipped", _with_flipped_test_set)
+  yield
+  data_lib.DATASETS.unregister("synthetic_flipped")
+
+
+def test_a_dataset_adds_its_own_evaluation_set(tmp_path, flipped_source):
+  config = config_lib.DataConfig(dataset="synthetic_flipped",
+                                 synthetic_train_size=64,
+                                 synthetic_test_size=32)
+  data = data_lib.load(config, seed=1)
+  assert data.eval_set_names == ("test", "test_flipped")
+  settings = dict(epochs=1, global_batch_size=32, steps_per_loop=2,
+                  checkpoint_every_steps=0, seed=1, export=False,
+                  eval_images=2, dataset="synthetic_flipped",
+                  synthetic_train_size=64, synthetic_test_size=32)
+  metrics = train_in_process(tmp_path / "run", data, **settings,
+                             eval_sets=("test", "test_flipped"),
+                             final_eval_sets=("test_flipped",))
+  assert set(metrics["evaluations"]) == {"test", "test_flipped"}
+  flipped = metrics["evaluations"]["test_flipped"]
+  assert flipped["count"] == 32
+  assert flipped["loss"] != metrics["evaluations"]["test"]["loss"]
+  assert [s for s, _ in read_scalars(str(tmp_path / "run" / "test_flipped"))[
+      "accuracy"]] == [2]
+  # evaluate.py rebuilds it through the registered source, every set.
+  again = evaluation.evaluate_run(str(tmp_path / "run"))
+  # (As JSON: a class with no example has a NaN accuracy.)
+  assert (json.dumps(again["evaluations"], sort_keys=True) ==
+          json.dumps(metrics["evaluations"], sort_keys=True))
+  # A set the data does not have: one clear error, before training.
+  with pytest.raises(UserError, match="no evaluation set 'noisy'; this data "
+                     "has test, test_flipped"):
+    train_in_process(tmp_path / "other", data, **settings,
+                     eval_sets=("noisy",), final_eval_sets=())
+  assert not os.path.exists(tmp_path / "other")
+
+
+@pytest.mark.parametrize("name", ["test", "train", "evaluator", "Noisy",
+                                  "a/b", ""])
+def test_an_extra_set_cannot_take_a_reserved_or_unsafe_name(name):
+  data = data_lib.make_synthetic(num_train=8, num_test=4, seed=0)
+  with pytest.raises(ValueError, match="extra evaluation set cannot be"):
+    dataclasses.replace(data, extra_eval_sets={name: (data.test_images,
+                                                      data.test_labels)})
