@@ -151,7 +151,7 @@ def run_actions(config: TrainConfig, *, state: TrainingState,
     best = BestCheckpoint(metric=config.loop.best_metric, state=selection,
                           checkpoint=state.checkpoint,
                           model_dir=config.model_dir, is_chief=is_chief,
-                          log=log)
+                          log=log, class_names=data.class_names)
     actions.append(best)
     if config.loop.early_stopping_patience:
       actions.append(EarlyStopping(

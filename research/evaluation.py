@@ -25,6 +25,7 @@ from research import files
 from research.config import StepConfig
 from research.errors import UserError
 from research.reporting import evaluation_scalars
+from research.reporting import evaluation_summary
 from research.resume import CONFIG_FILE
 from research.resume import METRICS_FILE
 from research.run_lock import RunLock
@@ -36,17 +37,6 @@ from research.training import build_training
 # (evaluator/validation, evaluator/test: never the trainer's) and results.
 EVALUATOR_SUBDIR = "evaluator"
 EVALUATIONS_FILE = "evaluations.json"
-
-
-def summarize(result: dict[str, Any], class_names: Sequence[str]
-              ) -> dict[str, Any]:
-  """One set's evaluation as ``metrics.json`` and ``best/info.json`` hold
-  it: accuracy, loss, counts, calibration and per-class accuracy."""
-  summary = {name: result[name] for name in
-             ("accuracy", "loss", "correct", "count", "nll", "brier", "ece")}
-  summary["class_accuracy"] = dict(zip(
-      class_names, [float(a) for a in result["class_accuracy"]]))
-  return summary
 
 
 def resolve_checkpoint(model_dir: str, which: str) -> str:
@@ -156,10 +146,10 @@ class RunEvaluator:
 
   def summarize(self, evaluated: dict[str, Any]) -> dict[str, Any]:
     """``evaluate``'s result as JSON: ``{"checkpoint", "step",
-    "evaluations": {set: summarize(...)}}``."""
+    "evaluations": {set: reporting.evaluation_summary(...)}}``."""
     return {"checkpoint": evaluated["checkpoint"], "step": evaluated["step"],
             "evaluations": {
-                name: summarize(result, self.data.class_names)
+                name: evaluation_summary(result, self.data.class_names)
                 for name, result in evaluated["results"].items()}}
 
   def finished_at(self, step: int) -> bool:
@@ -183,7 +173,7 @@ def evaluate_run(model_dir: str, *, checkpoint: str = "latest",
     eval_sets: Sets to evaluate (default: every set the run has).
 
   Returns:
-    ``{"checkpoint", "step", "evaluations": {set: summarize(...)}}``.
+    ``RunEvaluator.summarize``'s form.
 
   Raises:
     UserError: for a directory that is no run, a missing or damaged

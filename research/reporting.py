@@ -146,6 +146,20 @@ def evaluation_scalars(result: dict[str, Any], class_names: Sequence[str]
   return scalars
 
 
+def evaluation_summary(result: dict[str, Any], class_names: Sequence[str]
+                       ) -> dict[str, Any]:
+  """One set's evaluation as JSON files keep it (``metrics.json``,
+  ``best/info.json``, the sidecar's ``evaluations.json``): accuracy, loss,
+  counts, calibration and per-class accuracy."""
+  summary = {name: float(result[name]) for name in
+             ("accuracy", "loss", "nll", "brier", "ece")}
+  summary["correct"] = int(result["correct"])
+  summary["count"] = int(result["count"])
+  summary["class_accuracy"] = dict(zip(
+      class_names, [float(a) for a in result["class_accuracy"]]))
+  return summary
+
+
 class HistogramReporter(Action):
   """Weight and gradient histograms every ``every_steps`` steps.
 

@@ -9,13 +9,21 @@ an improvement of that metric. What they remember (the best value and step,
 the evaluations since the last improvement) lives in ``SelectionState``, in
 the run's checkpoints, so a resumed run picks up exactly where the restored
 step left it.
+
+The best checkpoint holds its own ``info.json`` (``SelectionState.best_info``
+is set before the save), so the checkpoint is the one truth: a process
+killed after a best save leaves ``best/`` ahead of the regular checkpoint it
+resumes from, and possibly an ``info.json`` not yet rewritten; a resumed
+``BestCheckpoint`` adopts what ``best/`` holds (a real evaluation of this
+run's weights) and rewrites ``info.json`` from it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from typing import Any, Callable
+from typing import Callable, Sequence
 
 import tensorflow as tf
 
@@ -24,6 +32,7 @@ from research.checkpoints import CheckpointKeeper
 from research.controller import Action
 from research.controller import Evaluation
 from research.options import METRIC_DIRECTIONS
+from research.reporting import evaluation_summary
 
 BEST_SUBDIR = "best"
 INFO_FILE = "info.json"
@@ -46,6 +55,7 @@ class SelectionState(tf.Module):
     stale_evaluations: Evaluations since the last improvement by more than
       the early-stopping margin.
     reference_value: The value of that last improvement.
+    best_info: ``info.json`` of the best evaluation, as JSON text ("" before).
   """
 
   def __init__(self):
@@ -59,6 +69,8 @@ class SelectionState(tf.Module):
     self.reference_value = tf.Variable(math.nan, dtype=tf.float64,
                                        trainable=False,
                                        name="reference_value")
+    self.best_info = tf.Variable("", dtype=tf.string, trainable=False,
+                                 name="best_info")
 
 
 def _better(value: float, than: float, maximize: bool, margin: float = 0.0
@@ -68,21 +80,14 @@ def _better(value: float, than: float, maximize: bool, margin: float = 0.0
   return value > than + margin if maximize else value < than - margin
 
 
-def evaluation_summary(evaluation: Evaluation) -> dict[str, dict[str, Any]]:
-  """Each set's scalar results of an evaluation (what info.json keeps)."""
-  return {name: {key: float(result[key]) for key in
-                 ("accuracy", "loss", "nll", "brier", "ece")} |
-          {"correct": int(result["correct"]), "count": int(result["count"])}
-          for name, result in evaluation.result.items()}
-
-
 class BestCheckpoint(Action):
   """After each evaluation of the metric's set, saves the weights if they
   are the best so far."""
 
   def __init__(self, *, metric: str, state: SelectionState,
                checkpoint: tf.train.Checkpoint, model_dir: str,
-               is_chief: bool, log: Callable[[str], None]):
+               is_chief: bool, log: Callable[[str], None],
+               class_names: Sequence[str] = ()):
     """Args:
       metric: ``SET/METRIC`` (``parse_metric``).
       state: The checkpointed selection state.
@@ -91,6 +96,8 @@ class BestCheckpoint(Action):
       is_chief: Whether this process writes (others save to scratch: the
         save is collective).
       log: Receives a line at each new best.
+      class_names: Name of each label id (for the per-class accuracies in
+        ``info.json``).
     """
     self.metric = metric
     self.set_name, self.name, self.maximize = parse_metric(metric)
@@ -101,7 +108,9 @@ class BestCheckpoint(Action):
                                    is_chief=is_chief)
     self.is_chief = is_chief
     self.log = log
+    self.class_names = tuple(class_names)
     self.improved = False
+    self._adopt_saved_best()
 
   @property
   def path(self) -> str | None:
@@ -115,6 +124,31 @@ class BestCheckpoint(Action):
                            fix="it is rewritten at the next best "
                            "evaluation: remove it")
 
+  def _adopt_saved_best(self) -> None:
+    """Makes the state and ``info.json`` agree with ``best/``'s checkpoint
+    (see the module docstring). Every worker reads it (resuming needs the
+    run directory shared anyway), so all take the same decisions."""
+    path = tf.train.latest_checkpoint(self.directory)
+    if path is None:
+      return
+    prefix = "selection/"
+    suffix = "/.ATTRIBUTES/VARIABLE_VALUE"
+    reader = tf.train.load_checkpoint(path)
+    if not reader.has_tensor(prefix + "best_info" + suffix):
+      return  # Saved before checkpoints held their info.
+    saved = {name: reader.get_tensor(prefix + name + suffix)
+             for name in ("best_value", "best_step", "best_info")}
+    if int(saved["best_step"]) != int(self.state.best_step.numpy()):
+      self.state.best_value.assign(float(saved["best_value"]))
+      self.state.best_step.assign(int(saved["best_step"]))
+      self.state.best_info.assign(saved["best_info"])
+      self.log(f"best/ holds the evaluation of step {int(saved['best_step'])}"
+               f", newer than the restored checkpoint's: selection goes on "
+               f"from it")
+    info = json.loads(saved["best_info"].decode("utf-8"))
+    if self.is_chief and self.info() != info:
+      files.write_json(os.path.join(self.directory, INFO_FILE), info)
+
   def after_evaluation(self, evaluation: Evaluation) -> None:
     result = evaluation.result.get(self.set_name)
     self.improved = False
@@ -125,14 +159,18 @@ class BestCheckpoint(Action):
                    self.maximize):
       return
     self.improved = True
+    info = {"step": evaluation.step, "metric": self.metric, "value": value,
+            "checkpoint": f"ckpt-{evaluation.step}",
+            "evaluations": {
+                name: evaluation_summary(result, self.class_names)
+                for name, result in evaluation.result.items()}}
     self.state.best_value.assign(value)
     self.state.best_step.assign(evaluation.step)
-    path = self.keeper.save(evaluation.step)
+    # In the checkpoint itself: info.json can always be rewritten from it.
+    self.state.best_info.assign(json.dumps(info, sort_keys=True))
+    self.keeper.save(evaluation.step)
     if self.is_chief:
-      files.write_json(os.path.join(self.directory, INFO_FILE), {
-          "step": evaluation.step, "metric": self.metric, "value": value,
-          "checkpoint": os.path.basename(path),
-          "evaluations": evaluation_summary(evaluation)})
+      files.write_json(os.path.join(self.directory, INFO_FILE), info)
     self.log(f"best {self.metric} {value:.4f} at step {evaluation.step}; "
              f"saved to {self.directory}")
 

@@ -21,7 +21,6 @@ import tensorflow as tf
 
 from research import data as data_lib
 from research import distribute
-from research import evaluation
 from research import export as export_lib
 from research import preemption
 from research import resume
@@ -34,6 +33,7 @@ from research.controller import Cadence
 from research.controller import Controller
 from research.errors import UserError
 from research.files import write_json
+from research.reporting import evaluation_summary
 from research.reporting import hparams_of
 from research.run_lock import RunLock
 from research.selection import SelectionState
@@ -142,8 +142,15 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
   if restored:
     log(f"resumed from {restored} at step {state.step}/{cadence.total_steps}")
     recorded = resume.recorded_result(config.model_dir, state.step)
+    # A run that stopped early goes on only if this invocation's patience
+    # (more of it, or none) would not have stopped it.
+    still_stopped = (recorded is not None and recorded.get("stopped_early")
+                     and selection is not None and
+                     config.loop.early_stopping_patience and
+                     int(selection.stale_evaluations.numpy()) >=
+                     config.loop.early_stopping_patience)
     if recorded is not None and (state.step >= cadence.total_steps or
-                                 recorded.get("stopped_early")):
+                                 still_stopped):
       log(f"the run already finished at step {state.step}; nothing to do "
           f"(its results are in {resume.METRICS_FILE})")
       return recorded
@@ -230,7 +237,7 @@ def _final_metrics(config, data, strategy, state, cadence, actions, final, *,
       "accuracy", "loss", "correct", "count", "nll", "brier", "ece",
       "class_accuracy")}
   if headline:
-    summary = evaluation.summarize(final.result[headline], data.class_names)
+    summary = evaluation_summary(final.result[headline], data.class_names)
     headline_metrics = {f"eval_{name}": value
                         for name, value in summary.items()}
   return {
@@ -245,7 +252,7 @@ def _final_metrics(config, data, strategy, state, cadence, actions, final, *,
       "num_replicas": strategy.num_replicas_in_sync,
       "export_dir": actions.export.export_dir if actions.export else None,
       "eval_set": headline,
-      "evaluations": {name: evaluation.summarize(result, data.class_names)
+      "evaluations": {name: evaluation_summary(result, data.class_names)
                       for name, result in final.result.items()},
       "best": actions.best.info() if actions.best else None,
   }

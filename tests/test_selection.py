@@ -21,7 +21,8 @@ from test_controller import FakeCheckpointer, FakeSummaries, FakeTrainer
 
 def _evaluation(step, accuracy):
   result = {"accuracy": accuracy, "loss": 1 - accuracy, "nll": 1.0,
-            "brier": 0.5, "ece": 0.1, "correct": 0, "count": 10}
+            "brier": 0.5, "ece": 0.1, "correct": 0, "count": 10,
+            "class_accuracy": [accuracy]}
   return Evaluation(step, {"validation": result}, 0.0)
 
 
@@ -189,6 +190,12 @@ def test_resume_keeps_the_best_then_early_stopping_ends_the_run(tmp_path):
       str(tmp_path / "run" / "checkpoints")).endswith("ckpt-18")
   again = _run(tmp_path / "run", data, **settings)
   assert again == json.loads((tmp_path / "run" / "metrics.json").read_text())
+  # More patience (a change a resume allows): training goes on from step
+  # 18 until the restored count (2) reaches 3, one evaluation later.
+  more = _run(tmp_path / "run", data, **{**settings,
+                                         "early_stopping_patience": 3})
+  assert more["global_step"] == more["stopped_early"]["step"] == 24
+  assert more["best"]["step"] == 6
 
 
 @pytest.mark.slow
@@ -270,3 +277,36 @@ def test_a_resumed_run_that_had_stopped_early_trains_no_further(tmp_path):
   at_end = resumed_at_40(40)
   at_end.run()
   assert at_end.stop_reason is None
+
+
+def test_a_resume_adopts_a_best_saved_after_its_checkpoint(tmp_path):
+  """Killed after best/ got step 30 (and before info.json was rewritten),
+  resumed from a regular checkpoint of step 20 whose state knew only the
+  best of step 10: the resumed selection goes on from step 30, and
+  info.json is rewritten from the best checkpoint, which holds its own."""
+  best, checkpoint = _selection(tmp_path)
+  checkpoint.weights.assign(10)
+  best.after_evaluation(_evaluation(10, 0.5))
+  regular = checkpoint.write(str(tmp_path / "regular" / "ckpt-20"))
+  checkpoint.weights.assign(30)
+  best.after_evaluation(_evaluation(30, 0.8))
+  stale_info = json.loads((tmp_path / "best" / "info.json").read_text())
+  stale_info.update(step=10, value=0.5)  # As if killed before rewriting.
+  (tmp_path / "best" / "info.json").write_text(json.dumps(stale_info))
+
+  state = SelectionState()
+  tf.train.Checkpoint(weights=tf.Variable(0.0), selection=state).restore(
+      regular).assert_consumed()
+  assert int(state.best_step.numpy()) == 10
+  lines = []
+  resumed = BestCheckpoint(
+      metric="validation/accuracy", state=state,
+      checkpoint=tf.train.Checkpoint(weights=tf.Variable(0.0),
+                                     selection=state),
+      model_dir=str(tmp_path), is_chief=True, log=lines.append)
+  assert (int(state.best_step.numpy()), float(state.best_value.numpy())) == (
+      30, 0.8)
+  assert resumed.info()["step"] == 30 and resumed.info()["value"] == 0.8
+  assert any("best/ holds the evaluation of step 30" in l for l in lines)
+  resumed.after_evaluation(_evaluation(40, 0.7))  # Better than 10, not 30.
+  assert not resumed.improved and resumed.info()["step"] == 30
