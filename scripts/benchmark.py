@@ -61,37 +61,41 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                       flag_values=fv)
 
 
-def main(argv):
+def run(fv: flags.FlagValues, argv: list[str]) -> None:
+  """Benchmarks as the parsed flags ``fv`` say; exits 2 on bad input.
+
+  Args:
+    fv: This script's parsed flags.
+    argv: The command line (unused: the flags say everything).
+  """
   del argv
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.ERROR)
   import tensorflow as tf
   from research import benchmarking
   from research import config as config_lib
   from research import data as data_lib
   from research import model as model_lib
   try:
-    settings = ([(int(b), False) for b in FLAGS.batch_sizes] +
-                [(int(b), True) for b in FLAGS.xla_batch_sizes])
+    settings = ([(int(b), False) for b in fv.batch_sizes] +
+                [(int(b), True) for b in fv.xla_batch_sizes])
     data = data_lib.load(
-        config_lib.part_from_flat("data", FLAGS.flag_values_dict()), seed=0)
+        config_lib.part_from_flat("data", fv.flag_values_dict()), seed=0)
   except (UserError, ValueError) as e:
     cli.exit_with_error(str(e))
   flops = benchmarking.training_flops_per_example(
       model_lib.build(model_lib.ConvNet()), (32, 32, 3))
-  ceiling = benchmarking.matmul_gflops(FLAGS.matmul_size)
+  ceiling = benchmarking.matmul_gflops(fv.matmul_size)
   cpu = _cpu_model()
   print(f"machine: {cpu}, {os.cpu_count()} cores; TensorFlow "
         f"{tf.__version__}, Keras {tf.keras.__version__}", flush=True)
-  print(f"data: {FLAGS.dataset} ({len(data.train_labels)} training examples)"
+  print(f"data: {fv.dataset} ({len(data.train_labels)} training examples)"
         f"; {flops / 1e6:.2f} MFLOP per training example; "
-        f"{FLAGS.matmul_size}^2 matmul "
+        f"{fv.matmul_size}^2 matmul "
         f"{ceiling:.0f} GFLOP/s", flush=True)
 
   results = []
   for batch, jit in settings:
-    window_steps = max(1, round(FLAGS.window_examples / batch))
-    steps_per_call = min(FLAGS.steps_per_loop, window_steps)
+    window_steps = max(1, round(fv.window_examples / batch))
+    steps_per_call = min(fv.steps_per_loop, window_steps)
     window_steps = max(steps_per_call,
                        window_steps // steps_per_call * steps_per_call)
     real = benchmarking.real_pipeline(data, batch)
@@ -110,7 +114,7 @@ def main(argv):
             steps_per_execution=steps_per_call, jit_compile=jit).run,
     }
     seconds = benchmarking.time_alternating(
-        contenders, steps=window_steps, windows=FLAGS.windows)
+        contenders, steps=window_steps, windows=fv.windows)
     rates = {name: [window_steps * batch / s for s in secs]
              for name, secs in seconds.items()}
     medians = {name: statistics.median(r) for name, r in rates.items()}
@@ -125,14 +129,20 @@ def main(argv):
 
   table = _markdown(results, flops, ceiling)
   print(table)
-  if FLAGS.json_out:
+  if fv.json_out:
     from research.files import write_json
-    write_json(FLAGS.json_out, {
+    write_json(fv.json_out, {
         "machine": {"cpu": cpu, "cores": os.cpu_count(),
                     "tensorflow": tf.__version__,
                     "keras": tf.keras.__version__},
-        "dataset": FLAGS.dataset, "flops_per_example": flops,
+        "dataset": fv.dataset, "flops_per_example": flops,
         "matmul_gflops": ceiling, "results": results, "table": table})
+
+
+def main(argv):
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.ERROR)
+  run(FLAGS, argv)
 
 
 def _markdown(results, flops, ceiling) -> str:

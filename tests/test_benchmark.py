@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_script
+from conftest import run_in_process
 from research import benchmarking
 from research import model as model_lib
 
@@ -27,11 +27,11 @@ def test_flop_count_of_the_convnet():
 @pytest.mark.slow
 def test_benchmark_script_reports_every_contender(tmp_path):
   out = tmp_path / "bench.json"
-  proc = run_script("benchmark.py", "--batch_sizes=16", "--xla_batch_sizes=",
-                    "--windows=1", "--window_examples=160",
-                    "--synthetic_train_size=512", "--matmul_size=256",
-                    f"--json_out={out}",
-                    check=True)
+  proc = run_in_process("benchmark.py", "--batch_sizes=16",
+                        "--xla_batch_sizes=", "--windows=1",
+                        "--window_examples=160", "--synthetic_train_size=512",
+                        "--matmul_size=256", f"--json_out={out}")
+  assert proc.returncode == 0, proc.stderr
   report = json.loads(out.read_text())
   assert report["flops_per_example"] == 25_736_448
   assert report["matmul_gflops"] > 0

@@ -1,18 +1,18 @@
 """The exponential moving average of the weights (--ema_decay, issue 16).
 
-Kill-and-resume with an EMA is in test_fault_tolerance (its runs keep one).
+Kill-and-resume with an EMA is in test_fault_tolerance (its runs keep one);
+a run's evaluations, evaluate.py's and the sidecar's numbers and its export
+with an EMA are in test_sidecar_evaluator (its trained run keeps one).
 """
 
 import json
-import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import convnet_training, train_in_process
+from conftest import convnet_training
 from research import data as data_lib
-from research import evaluation
 from research import export as export_lib
 from research import optim
 from research.config import ModelConfig
@@ -90,33 +90,3 @@ def test_evaluation_uses_the_averages_and_puts_the_weights_back(tmp_path):
   loaded, _, _ = export_lib.load_model_from_run(str(run))
   np.testing.assert_array_equal(loaded(images, training=False).numpy(),
                                 logits)
-
-
-@pytest.mark.slow
-def test_a_run_evaluates_and_exports_the_averaged_weights(tmp_path):
-  data = data_lib.make_synthetic(num_train=256, num_test=64, seed=3)
-  run = str(tmp_path / "run")
-  metrics = train_in_process(
-      run, data, epochs=2, global_batch_size=32, steps_per_loop=8,
-      checkpoint_every_steps=0, seed=3, eval_images=4, dataset="synthetic",
-      synthetic_train_size=256, synthetic_test_size=64, learning_rate=0.01,
-      ema_decay=0.9)
-  # scripts/evaluate.py's path (the whole state restored) gives the run's
-  # own final numbers: both evaluate the averages.
-  again = evaluation.evaluate_run(run, eval_sets=["test"])
-  assert again["evaluations"]["test"] == metrics["evaluations"]["test"]
-  averaged, _, _ = export_lib.load_model_from_run(run)
-  raw, _, _ = export_lib.load_model_from_run(run)
-  tf.train.Checkpoint(model=raw).restore(  # The trained weights.
-      export_lib.latest_checkpoint(os.path.join(run, "checkpoints"))
-  ).expect_partial()
-  exported = tf.saved_model.load(os.path.join(run, "export"))
-  images = data.test_images[:16]
-  served = exported.signatures["serving_default"](
-      images=tf.constant(images))["probabilities"].numpy()
-  np.testing.assert_allclose(
-      served, tf.nn.softmax(averaged(data_lib.to_float(images))).numpy(),
-      rtol=1e-5, atol=1e-6)
-  assert not np.allclose(
-      served, tf.nn.softmax(raw(data_lib.to_float(images))).numpy(),
-      atol=1e-4)

@@ -1,20 +1,25 @@
 """Evaluation apart from training: the sidecar evaluator (evaluate.py
---continuous, launch_local.py --evaluator) and --noeval_in_loop."""
+--continuous, launch_local.py --evaluator) and --noeval_in_loop; and, on
+the same trained run (which keeps an EMA), the export of the averages."""
 
 import json
 import os
 import shutil
 
+import numpy as np
 import pytest
+import tensorflow as tf
 
 from conftest import read_scalars, run_in_process, run_script
 from conftest import train_in_process
 from research import data as data_lib
 from research import evaluation
+from research import export as export_lib
 
 SETTINGS = dict(epochs=2, global_batch_size=32, steps_per_loop=2,
                 checkpoint_every_steps=2, eval_every_steps=2,
                 keep_checkpoints=2, export=False, eval_images=0,
+                learning_rate=0.01, ema_decay=0.5,
                 dataset="synthetic", synthetic_train_size=128,
                 synthetic_test_size=32, seed=4, validation_size=32,
                 eval_sets=("validation",),
@@ -27,7 +32,7 @@ def finished_run(tmp_path_factory):
   which rotation keeps 4 and 6; the loop evaluates validation at 2, 3, 4, 6."""
   run = tmp_path_factory.mktemp("sidecar") / "run"
   data = data_lib.make_synthetic(num_train=128, num_test=32, seed=4)
-  metrics = train_in_process(run, data, **SETTINGS)
+  metrics = train_in_process(run, data, **{**SETTINGS, "export": True})
   return run, metrics
 
 
@@ -137,10 +142,29 @@ def test_a_sidecar_with_no_run_to_wait_for_stops_with_one_line(tmp_path):
   assert "drop --checkpoint" in proc.stderr.strip().splitlines()[-1]
 
 
+def test_the_export_serves_the_averaged_weights(finished_run):
+  run, _ = finished_run
+  data = data_lib.make_synthetic(num_train=128, num_test=32, seed=4)
+  averaged, _, _ = export_lib.load_model_from_run(str(run))
+  raw, _, _ = export_lib.load_model_from_run(str(run))
+  tf.train.Checkpoint(model=raw).restore(  # The trained weights.
+      export_lib.latest_checkpoint(str(run / "checkpoints"))).expect_partial()
+  exported = tf.saved_model.load(str(run / "export"))
+  images = data.test_images[:16]
+  served = exported.signatures["serving_default"](
+      images=tf.constant(images))["probabilities"].numpy()
+  np.testing.assert_allclose(
+      served, tf.nn.softmax(averaged(data_lib.to_float(images))).numpy(),
+      rtol=1e-5, atol=1e-6)
+  assert not np.allclose(
+      served, tf.nn.softmax(raw(data_lib.to_float(images))).numpy(),
+      atol=1e-4)
+
+
 def test_noeval_in_loop_trains_without_evaluating(tmp_path):
   data = data_lib.make_synthetic(num_train=128, num_test=32, seed=4)
   metrics = train_in_process(tmp_path / "run", data, **{
-      **SETTINGS, "eval_sets": (), "final_eval_sets": ()})
+      **SETTINGS, "eval_sets": (), "final_eval_sets": (), "ema_decay": 0.0})
   assert metrics["evaluations"] == {} and metrics["eval_accuracy"] is None
   assert metrics["global_step"] == 6
   assert not os.path.exists(tmp_path / "run" / "validation")

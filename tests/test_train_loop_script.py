@@ -161,7 +161,8 @@ BAD_FLAGS = [
     ("validation_set_without_a_split", ["--eval_sets=validation"],
      "validation_size is 0"),
     ("unknown_eval_set", ["--final_eval_sets=train"],
-     "final_eval_sets must be distinct names among ('validation', 'test')"),
+     "final_eval_sets must be distinct set names (validation, test, or one "
+     "the dataset adds), got ('train',)"),
     ("best_metric_never_reported", ["--best_metric=validation/accuracy"],
      "best_metric 'validation/accuracy' needs the set 'validation' "
      "evaluated during training"),
