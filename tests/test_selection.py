@@ -310,3 +310,14 @@ def test_a_resume_adopts_a_best_saved_after_its_checkpoint(tmp_path):
   assert any("best/ holds the evaluation of step 30" in l for l in lines)
   resumed.after_evaluation(_evaluation(40, 0.7))  # Better than 10, not 30.
   assert not resumed.improved and resumed.info()["step"] == 30
+
+
+@pytest.mark.slow
+def test_evaluate_script_on_a_run_with_no_checkpoint_yet(plain_run, tmp_path):
+  started = tmp_path / "started"
+  started.mkdir()
+  (started / "config.json").write_text((plain_run / "config.json").read_text())
+  proc = run_in_process("evaluate.py", f"--model_dir={started}")
+  assert proc.returncode == 2
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: no checkpoint under") and "train first" in last
