@@ -51,6 +51,11 @@ def _alive(pid):
   return True
 
 
+def _pids(line):
+  match = re.search(r"\(pids (\d+), (\d+)\)", line)
+  return [int(match.group(1)), int(match.group(2))] if match else None
+
+
 def test_two_workers_match_two_local_replicas(tmp_path):
   # One epoch: 16 steps, 2 calls of 8, an evaluation and a checkpoint.
   mw_dir = str(tmp_path / "multi_worker")
@@ -94,9 +99,7 @@ def test_a_killed_worker_stops_the_job_within_60s(tmp_path):
   pids = []
   try:
     for line in proc.stdout:
-      match = re.search(r"\(pids (\d+), (\d+)\)", line)
-      if match:
-        pids = [int(match.group(1)), int(match.group(2))]
+      pids = _pids(line) or pids
       if line.startswith("[worker 1] train step"):
         break
     assert pids, "the launcher did not report its workers"
@@ -112,7 +115,11 @@ def test_a_killed_worker_stops_the_job_within_60s(tmp_path):
   assert not any(_alive(pid) for pid in pids)
 
 
-def test_sigterm_saves_and_a_rerun_resumes(tmp_path):
+def test_sigterm_then_ctrl_c_on_one_worker_save_and_reruns_resume(tmp_path):
+  """SIGTERM to the launcher: both workers save the same step and exit 143.
+  The rerun resumes; SIGINT to worker 1 alone: the vote makes both save
+  the same step and exit 130 (interrupted), and the launcher with them. The
+  last rerun resumes again and finishes, each step logged once."""
   model_dir = str(tmp_path / "preempted")
   args = [*SMOKE, "--epochs=5", f"--model_dir={model_dir}"]  # 80 steps.
   proc = _launch(tmp_path, *args)
@@ -134,41 +141,39 @@ def test_sigterm_saves_and_a_rerun_resumes(tmp_path):
       os.path.join(model_dir, "checkpoints")).endswith(f"ckpt-{saved}")
   assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
 
-  rerun = _launch(tmp_path, *args)
-  out, err = rerun.communicate(timeout=300)
-  assert rerun.returncode == 0, out + err
-  assert f"at step {saved}/80" in out
-  with open(os.path.join(model_dir, "metrics.json")) as f:
-    assert json.load(f)["global_step"] == 80
-  steps = [s for s, _ in read_scalars(os.path.join(model_dir, "train"))["loss"]]
-  assert steps == list(range(8, 81, 8))
-  assert os.listdir(tmp_path / "tmp") == []
-
-
-def test_ctrl_c_on_one_worker_stops_every_worker_at_the_same_step(tmp_path):
-  """Worker 1 alone gets SIGINT; the vote makes both save the same step and
-  exit 130 (interrupted), and the launcher with them."""
-  model_dir = str(tmp_path / "interrupted")
-  proc = _launch(tmp_path, *SMOKE, "--epochs=10", "--noexport",
-                 f"--model_dir={model_dir}")
+  proc = _launch(tmp_path, *args)
+  seen = []
   try:
     pids = []
     for line in proc.stdout:
-      match = re.search(r"\(pids (\d+), (\d+)\)", line)
-      if match:
-        pids = [int(match.group(1)), int(match.group(2))]
-      if line.startswith("[worker 1] train step 24/"):
+      seen.append(line)
+      pids = _pids(line) or pids
+      if line.startswith("[worker 1] train step") and (
+          int(re.search(r"train step (\d+)/", line).group(1)) > saved):
         os.kill(pids[1], signal.SIGINT)
         break
     out, err = proc.communicate(timeout=120)
   finally:
     if proc.poll() is None:
       proc.kill()
+  out = "".join(seen) + out
   assert proc.returncode == 130, out + err
+  assert f"at step {saved}/80" in out  # Resumed.
   steps = {int(s) for s in re.findall(
-      r"\[worker \d\] interrupted at step (\d+)/160; checkpoint saved", out)}
+      r"\[worker \d\] interrupted at step (\d+)/80; checkpoint saved", out)}
   assert len(steps) == 1 and "[worker 0] interrupted" in out, out
-  (saved,) = steps
+  (interrupted,) = steps
+  assert interrupted > saved
   assert "Traceback" not in out + err
   assert tf.train.latest_checkpoint(
-      os.path.join(model_dir, "checkpoints")).endswith(f"ckpt-{saved}")
+      os.path.join(model_dir, "checkpoints")).endswith(f"ckpt-{interrupted}")
+
+  rerun = _launch(tmp_path, *args)
+  out, err = rerun.communicate(timeout=300)
+  assert rerun.returncode == 0, out + err
+  assert f"at step {interrupted}/80" in out
+  with open(os.path.join(model_dir, "metrics.json")) as f:
+    assert json.load(f)["global_step"] == 80
+  steps = [s for s, _ in read_scalars(os.path.join(model_dir, "train"))["loss"]]
+  assert steps == list(range(8, 81, 8))
+  assert os.listdir(tmp_path / "tmp") == []
