@@ -97,16 +97,30 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                        lower_bound=0, flag_values=fv)
 
 
-def main(argv):
+def run(fv: flags.FlagValues, argv: list[str]) -> int:
+  """Compares as the parsed flags ``fv`` say.
+
+  Args:
+    fv: This script's parsed flags.
+    argv: The command line (unused: the flags say everything).
+
+  Returns:
+    0 on PASS, 1 on FAIL; exits 2 with one error line on bad input (also
+    when TensorFlow was loaded before with the other oneDNN setting, which
+    must be chosen before it loads).
+  """
   del argv
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  replicas = FLAGS.replicas
-  if FLAGS.fit_replicas > 1 and not FLAGS["replicas"].present:
-    replicas = FLAGS.fit_replicas
-  need = max(replicas, FLAGS.fit_replicas)
+  replicas = fv.replicas
+  if fv.fit_replicas > 1 and not fv["replicas"].present:
+    replicas = fv.fit_replicas
+  need = max(replicas, fv.fit_replicas)
   # Must be decided before TensorFlow loads.
-  os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1" if FLAGS.onednn else "0"
+  onednn = "1" if fv.onednn else "0"
+  if ("tensorflow" in sys.modules and
+      os.environ.get("TF_ENABLE_ONEDNN_OPTS") != onednn):
+    cli.exit_with_error("TensorFlow is loaded with the other oneDNN setting; "
+                        "run the verifier in a fresh process")
+  os.environ["TF_ENABLE_ONEDNN_OPTS"] = onednn
   import tensorflow as tf
   from research import config as config_lib
   from research import data as data_lib
@@ -117,51 +131,57 @@ def main(argv):
     if len(gpus) < need:
       distribute.configure_devices(cpu_replicas=need)
     kind = "GPU" if len(gpus) >= need else "CPU"
-    if FLAGS.jit_compile:
+    if fv.jit_compile:
       distribute.refuse_xla_over_cpus(kind, need)
     devices = [d.name for d in tf.config.list_logical_devices(kind)]
-    if not FLAGS.jit_compile:
+    if not fv.jit_compile:
       # TensorFlow refuses XLA's MaxPool gradient under op determinism; XLA
       # on CPU is deterministic by itself.
       tf.config.experimental.enable_op_determinism()
-    for r in (replicas, FLAGS.fit_replicas):
-      if FLAGS.batch_size % r:
-        raise UserError(f"--batch_size={FLAGS.batch_size} does not divide "
+    for r in (replicas, fv.fit_replicas):
+      if fv.batch_size % r:
+        raise UserError(f"--batch_size={fv.batch_size} does not divide "
                         f"over {r} replicas")
-    flat = FLAGS.flag_values_dict()
+    flat = fv.flag_values_dict()
     data = data_lib.load(config_lib.part_from_flat("data", flat),
-                         seed=FLAGS.seed)
+                         seed=fv.seed)
     config = equivalence.EquivalenceConfig(
-        global_batch_size=FLAGS.batch_size, steps=FLAGS.steps,
-        replicas=replicas, fit_replicas=FLAGS.fit_replicas,
+        global_batch_size=fv.batch_size, steps=fv.steps,
+        replicas=replicas, fit_replicas=fv.fit_replicas,
         model=config_lib.part_from_flat("model", flat),
         optimizer=config_lib.part_from_flat("optimizer", flat),
-        keep_short_batch=FLAGS.keep_short_batch,
-        steps_per_loop=FLAGS.steps_per_loop, jit_compile=FLAGS.jit_compile,
-        seed=FLAGS.seed,
-        dtype=(equivalence.default_dtype(replicas, FLAGS.fit_replicas)
-               if FLAGS.dtype == "auto" else FLAGS.dtype),
-        noise_floor=FLAGS.noise_floor, fault=FLAGS.inject_fault,
-        fault_step=FLAGS.fault_step)
-    print(f"loop: {replicas} replica(s), fit: {FLAGS.fit_replicas} "
-          f"replica(s) on {kind}; dataset {FLAGS.dataset}, batch "
-          f"{FLAGS.batch_size}, {config.dtype}, oneDNN "
-          f"{'on' if FLAGS.onednn else 'off'}", flush=True)
+        keep_short_batch=fv.keep_short_batch,
+        steps_per_loop=fv.steps_per_loop, jit_compile=fv.jit_compile,
+        seed=fv.seed,
+        dtype=(equivalence.default_dtype(replicas, fv.fit_replicas)
+               if fv.dtype == "auto" else fv.dtype),
+        noise_floor=fv.noise_floor, fault=fv.inject_fault,
+        fault_step=fv.fault_step)
+    print(f"loop: {replicas} replica(s), fit: {fv.fit_replicas} "
+          f"replica(s) on {kind}; dataset {fv.dataset}, batch "
+          f"{fv.batch_size}, {config.dtype}, oneDNN "
+          f"{'on' if fv.onednn else 'off'}", flush=True)
     report = equivalence.run(config, data, devices)
   except UserError as e:
     cli.exit_with_error(str(e))
   except ValueError as e:  # An impossible configuration.
     cli.exit_with_error(f"{e}; check the flags")
   print(equivalence.format_report(report), flush=True)
-  if FLAGS.json_out:
+  if fv.json_out:
     payload = report.to_json()
     payload["config"] = dataclasses.asdict(config)
-    payload["dataset"] = {"name": FLAGS.dataset, "data_dir": FLAGS.data_dir,
+    payload["dataset"] = {"name": fv.dataset, "data_dir": fv.data_dir,
                           "train_examples": len(data.train_labels),
                           "test_examples": len(data.test_labels)}
     from research.files import write_json
-    write_json(FLAGS.json_out, payload)
+    write_json(fv.json_out, payload)
   return 0 if report.passed else 1
+
+
+def main(argv):
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  return run(FLAGS, argv)
 
 
 if __name__ == "__main__":

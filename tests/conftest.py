@@ -151,12 +151,15 @@ def run_equivalence_batch(folder, cases: dict) -> dict:
 
   Args:
     folder: A scratch folder for the process's input and output.
-    cases: Case name -> ``(data sizes, EquivalenceConfig fields)``.
+    cases: Case name -> ``(data sizes, EquivalenceConfig fields)``, or
+      ``{"script": [flags]}`` for a run of scripts/verify_equivalence.py
+      (its report: ``returncode``, ``stdout``, ``report``).
   """
   import json
   with open(os.path.join(folder, "cases.json"), "w") as f:
-    json.dump({name: {"data": data, "config": config}
-               for name, (data, config) in cases.items()}, f)
+    json.dump({name: case if isinstance(case, dict) else
+               {"data": case[0], "config": case[1]}
+               for name, case in cases.items()}, f)
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "tests", "equivalence_batch.py"),

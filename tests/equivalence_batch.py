@@ -4,12 +4,14 @@
 
 CASES.json maps a case name to ``{"data": {...}, "config": {...}}``: the
 synthetic data's sizes and the ``EquivalenceConfig`` fields (``model`` and
-``optimizer`` as dicts of their fields). REPORTS.json gets each case's
-report, its formatted text under ``"text"``. A process of its own because
-the verifier's conditions are process-wide: oneDNN's graph rewrites off
-(before TensorFlow loads) and two logical CPUs. It costs one TensorFlow
-start for all the cases instead of one per case; scripts/verify_equivalence.py
-itself is run by the tests as well.
+``optimizer`` as dicts of their fields), or to ``{"script": [flags]}``: a
+run of scripts/verify_equivalence.py itself, through its ``run(flags,
+argv)`` as its command line would (its exit status and output are the
+report). REPORTS.json gets each case's report, its formatted text under
+``"text"``. A process of its own because the verifier's conditions are
+process-wide: oneDNN's graph rewrites off (before TensorFlow loads) and two
+logical CPUs. It costs one TensorFlow start for all the cases instead of one
+per case.
 """
 
 import json
@@ -21,6 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(TESTS))
 sys.path.insert(0, TESTS)
+sys.path.insert(0, os.path.join(os.path.dirname(TESTS), "scripts"))
 
 import tensorflow as tf  # noqa: E402
 from tensorflow.python.framework import config as tf_config  # noqa: E402
@@ -40,6 +43,9 @@ def main(cases_path, reports_path):
   devices = [d.name for d in tf.config.list_logical_devices("CPU")]
   reports = {}
   for name, case in cases.items():
+    if "script" in case:
+      reports[name] = _run_script(case["script"])
+      continue
     settings = dict(case["config"])
     settings["model"] = ModelConfig(**settings.get("model", {}))
     settings["optimizer"] = OptimizerConfig(**settings.get("optimizer", {}))
@@ -57,6 +63,32 @@ def main(cases_path, reports_path):
     reports[name] = dict(report.to_json(),
                          text=equivalence.format_report(report))
   write_json(reports_path, reports)
+
+
+def _run_script(args):
+  """verify_equivalence.py with ``args``: its status, stdout and
+  --json_out report."""
+  import contextlib
+  import io
+  import tempfile
+  from absl import flags
+  import cli_common
+  import verify_equivalence
+  fv = flags.FlagValues()
+  verify_equivalence.define_flags(fv)
+  out = os.path.join(tempfile.mkdtemp(), "report.json")
+  argv = ["verify_equivalence.py", *args, f"--json_out={out}"]
+  stdout = io.StringIO()
+  with contextlib.redirect_stdout(stdout):
+    try:
+      status = verify_equivalence.run(
+          fv, cli_common.parse_flags_or_exit(argv, fv))
+    except SystemExit as e:
+      status = e.code
+  with open(out) as f:
+    report = json.load(f)
+  return {"returncode": status, "stdout": stdout.getvalue(),
+          "report": report}
 
 
 if __name__ == "__main__":

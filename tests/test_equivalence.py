@@ -1,18 +1,17 @@
 """The loop equals model.fit on one device, and the check can fail.
 
-scripts/verify_equivalence.py itself runs twice (a PASS and a FAIL: exit
-statuses and output); the other one-device comparisons run through the same
-``research.equivalence.run`` in one fresh process
-(tests/equivalence_batch.py), which spares a TensorFlow start per case.
-Several replicas: test_equivalence_replicas.py.
+Everything runs in one fresh process (tests/equivalence_batch.py), which
+spares a TensorFlow start per case: scripts/verify_equivalence.py itself
+twice (a PASS and a FAIL: exit statuses and output, through its
+``run(flags, argv)``), and the other one-device comparisons through the
+same ``research.equivalence.run``. Several replicas:
+test_equivalence_replicas.py.
 """
-
-import json
 
 import pytest
 
 from conftest import (assert_bitwise_equal_to_fit, assert_equivalent,
-                      assert_loss_fell, run_equivalence_batch, run_script)
+                      assert_loss_fell, run_equivalence_batch)
 
 # Fresh processes: the verifier and a batch of cases.
 pytestmark = pytest.mark.slow
@@ -43,25 +42,25 @@ CASES = {
                                     "jit_compile": True}),
     "tiny_mlp": (DATA, {"model": {"name": "tiny_mlp"}}),
 }
+# The verifier's own command lines.
+SCRIPT_RUNS = {
+    "script_pass": {"script": [*SMALL, "--replicas=1"]},
+    "script_fail": {"script": [*SMALL, "--replicas=2", "--steps=4",
+                               "--inject_fault=unscaled_loss",
+                               "--fault_step=2"]},
+}
 
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
-  return run_equivalence_batch(tmp_path_factory.mktemp("one_device"), CASES)
+  return run_equivalence_batch(tmp_path_factory.mktemp("one_device"),
+                               {**SCRIPT_RUNS, **CASES})
 
 
-def _verify(tmp_path, *args):
-  out = tmp_path / "report.json"
-  proc = run_script("verify_equivalence.py", *SMALL, *args,
-                    f"--json_out={out}", timeout=300)
-  with open(out) as f:
-    return proc, json.load(f)
-
-
-def test_one_device_is_bitwise_identical_to_fit(tmp_path):
-  proc, report = _verify(tmp_path, "--replicas=1")
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert proc.stdout.strip().endswith("PASS")
+def test_one_device_is_bitwise_identical_to_fit(reports):
+  proc, report = reports["script_pass"], reports["script_pass"]["report"]
+  assert proc["returncode"] == 0, proc["stdout"]
+  assert proc["stdout"].strip().endswith("PASS")
   assert report["mode"] == "one_device" and report["steps"] == STEPS
   assert report["dtype"] == "float32"
   assert len(report["fit_losses"]) == len(report["loop_losses"]) == STEPS
@@ -74,14 +73,13 @@ def test_one_device_is_bitwise_identical_to_fit(tmp_path):
   assert_loss_fell(report["loop_losses"])  # Training happened.
 
 
-def test_the_script_fails_a_wrong_loop_at_the_right_step(tmp_path):
-  proc, report = _verify(tmp_path, "--replicas=2", "--steps=4",
-                         "--inject_fault=unscaled_loss", "--fault_step=2")
-  assert proc.returncode == 1
-  assert proc.stdout.strip().endswith("FAIL")
+def test_the_script_fails_a_wrong_loop_at_the_right_step(reports):
+  proc, report = reports["script_fail"], reports["script_fail"]["report"]
+  assert proc["returncode"] == 1
+  assert proc["stdout"].strip().endswith("FAIL")
   assert not report["passed"]
   assert report["first_failing_step"] == 2
-  assert "FAIL: step 2: |loss difference|" in proc.stdout
+  assert "FAIL: step 2: |loss difference|" in proc["stdout"]
 
 
 def test_regularization_and_short_batch_match_fit(reports):
