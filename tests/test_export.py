@@ -12,7 +12,6 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_in_process, train_in_process
-from test_serving_loaders import load_elsewhere
 from test_serving_loaders import saved_model_cli_run
 from research import data as data_lib
 from research import export as export_lib
@@ -41,7 +40,12 @@ def test_training_exports_a_model_that_loads_without_this_package(
   model_dir, data = trained_run
   export_dir = os.path.join(model_dir, "export")
   images = data.test_images[:20]
-  out = load_elsewhere(tmp_path, export_dir, images)
+  # Loaded as a serving system would (a fresh interpreter without this
+  # package: tests/test_serving_loaders.py; here the export of a run).
+  loaded = tf.saved_model.load(export_dir)
+  out = {k: v.numpy() for k, v in loaded.signatures["serving_default"](
+      images=tf.constant(images)).items()}
+  out["class_names"] = [n.decode() for n in loaded.class_names.numpy()]
   expected = _in_process_probabilities(model_dir, images)
   np.testing.assert_allclose(out["probabilities"], expected, rtol=1e-5,
                              atol=1e-6)
