@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from research import data as data_lib
 from research import model as model_lib
+from research import optim
 from research.config import ModelConfig
 from research.config import OptimizerConfig
 from research.config import StepConfig
@@ -54,10 +55,13 @@ def training_flops_per_example(model: tf.keras.Model, image_shape) -> int:
   return total
 
 
-def matmul_gflops(size: int = 4096, repeats: int = 5) -> float:
-  """Median GFLOP/s of a ``size``² float32 matmul: the machine's ceiling."""
-  a = tf.random.stateless_normal((size, size), seed=[1, 2])
-  b = tf.random.stateless_normal((size, size), seed=[3, 4])
+def matmul_gflops(size: int = 4096, repeats: int = 5,
+                  dtype: tf.DType = tf.float32) -> float:
+  """Median GFLOP/s of a ``size``² matmul in ``dtype``: the machine's
+  ceiling for that precision (bfloat16 for ``mixed_bfloat16`` rows, whose
+  convolutions and matmuls run in bfloat16)."""
+  a = tf.cast(tf.random.stateless_normal((size, size), seed=[1, 2]), dtype)
+  b = tf.cast(tf.random.stateless_normal((size, size), seed=[3, 4]), dtype)
   matmul = tf.function(lambda x, y: tf.reduce_sum(tf.linalg.matmul(x, y)))
   matmul(a, b).numpy()  # warm-up
   rates = []
@@ -72,14 +76,16 @@ class LoopContender:
   """Our loop: ``StepRunner.train_steps`` over a given dataset."""
 
   def __init__(self, dataset: tf.data.Dataset, *, global_batch_size: int,
-               steps_per_loop: int, jit_compile: bool, seed: int = 0):
+               steps_per_loop: int, jit_compile: bool, seed: int = 0,
+               precision: str = "float32"):
     self.strategy = tf.distribute.get_strategy()
     tf.keras.utils.set_random_seed(seed)
     _, self.runner = build_training(
         strategy=self.strategy, model_config=ModelConfig(),
         optimizer_config=OptimizerConfig(),
         step_config=StepConfig(global_batch_size=global_batch_size,
-                               jit_compile=jit_compile),
+                               jit_compile=jit_compile,
+                               mixed_precision=precision),
         num_classes=model_lib.NUM_CLASSES, image_shape=model_lib.IMAGE_SHAPE,
         total_steps=1)
     self.iterator = iter(dataset)
@@ -97,11 +103,12 @@ class FitContender:
   """``model.fit`` on the seed's Sequential model."""
 
   def __init__(self, dataset: tf.data.Dataset, *, steps_per_execution: int,
-               jit_compile, seed: int = 0):
+               jit_compile, seed: int = 0, precision: str = "float32"):
     tf.keras.utils.set_random_seed(seed)
-    self.model = model_lib.build_sequential()
+    self.model = model_lib.build_sequential(
+        dtype=None if precision == "float32" else precision)
     self.model.compile(
-        optimizer=tf.keras.optimizers.Adam(),
+        optimizer=optim.make_optimizer(0.001, precision),
         loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         steps_per_execution=steps_per_execution, jit_compile=jit_compile)
     self.dataset = dataset

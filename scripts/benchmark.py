@@ -31,6 +31,7 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
 import cli_common as cli  # noqa: E402  (scripts/cli_common.py)
+from research import options  # noqa: E402
 from research.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -55,8 +56,13 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                        "steps_per_execution); capped at a window's steps.",
                        lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("matmul_size", 4096,
-                       "Side of the square float32 matmul timed as the "
-                       "machine's ceiling.", lower_bound=64, flag_values=fv)
+                       "Side of the square matmul timed (in each precision's "
+                       "compute dtype) as the machine's ceiling.",
+                       lower_bound=64, flag_values=fv)
+  flags.DEFINE_list("precisions", ["float32"],
+                    "Keras dtype policies to time, among "
+                    f"{','.join(options.PRECISIONS)} (mixed_float16 only "
+                    "pays on a GPU).", flag_values=fv)
   flags.DEFINE_string("json_out", None, "Also write every window here.",
                       flag_values=fv)
 
@@ -75,25 +81,36 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
   from research import data as data_lib
   from research import model as model_lib
   try:
-    settings = ([(int(b), False) for b in fv.batch_sizes] +
-                [(int(b), True) for b in fv.xla_batch_sizes])
+    for precision in fv.precisions:
+      if precision not in options.PRECISIONS:
+        raise UserError(f"--precisions: {precision!r} is not one of "
+                        f"{', '.join(options.PRECISIONS)}")
+    settings = ([(int(b), False, p) for p in fv.precisions
+                 for b in fv.batch_sizes] +
+                [(int(b), True, p) for p in fv.precisions
+                 for b in fv.xla_batch_sizes])
     data = data_lib.load(
         config_lib.part_from_flat("data", fv.flag_values_dict()), seed=0)
   except (UserError, ValueError) as e:
     cli.exit_with_error(str(e))
   flops = benchmarking.training_flops_per_example(
       model_lib.build(model_lib.ConvNet()), (32, 32, 3))
-  ceiling = benchmarking.matmul_gflops(fv.matmul_size)
+  # Each precision's ceiling: the matmul in the dtype its layers compute in.
+  ceilings = {p: benchmarking.matmul_gflops(
+      fv.matmul_size, dtype=tf.bfloat16 if p == "mixed_bfloat16" else
+      tf.float16 if p == "mixed_float16" else tf.float32)
+              for p in fv.precisions}
   cpu = _cpu_model()
   print(f"machine: {cpu}, {os.cpu_count()} cores; TensorFlow "
         f"{tf.__version__}, Keras {tf.keras.__version__}", flush=True)
   print(f"data: {fv.dataset} ({len(data.train_labels)} training examples)"
         f"; {flops / 1e6:.2f} MFLOP per training example; "
-        f"{fv.matmul_size}^2 matmul "
-        f"{ceiling:.0f} GFLOP/s", flush=True)
+        f"{fv.matmul_size}^2 matmul " + ", ".join(
+            f"{p} {c:.0f}" for p, c in ceilings.items()) + " GFLOP/s",
+        flush=True)
 
   results = []
-  for batch, jit in settings:
+  for batch, jit, precision in settings:
     window_steps = max(1, round(fv.window_examples / batch))
     steps_per_call = min(fv.steps_per_loop, window_steps)
     window_steps = max(steps_per_call,
@@ -102,32 +119,36 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
     contenders = {
         "loop": benchmarking.LoopContender(
             real, global_batch_size=batch, steps_per_loop=steps_per_call,
-            jit_compile=jit).run,
+            jit_compile=jit, precision=precision).run,
         "loop_synthetic": benchmarking.LoopContender(
             benchmarking.synthetic_in_memory(batch), global_batch_size=batch,
-            steps_per_loop=steps_per_call, jit_compile=jit).run,
+            steps_per_loop=steps_per_call, jit_compile=jit,
+            precision=precision).run,
         "fit_default": benchmarking.FitContender(
             benchmarking.real_pipeline(data, batch), steps_per_execution=1,
-            jit_compile="auto").run,
+            jit_compile="auto", precision=precision).run,
         "fit_matched": benchmarking.FitContender(
             benchmarking.real_pipeline(data, batch),
-            steps_per_execution=steps_per_call, jit_compile=jit).run,
+            steps_per_execution=steps_per_call, jit_compile=jit,
+            precision=precision).run,
     }
     seconds = benchmarking.time_alternating(
         contenders, steps=window_steps, windows=fv.windows)
     rates = {name: [window_steps * batch / s for s in secs]
              for name, secs in seconds.items()}
     medians = {name: statistics.median(r) for name, r in rates.items()}
-    row = {"batch_size": batch, "jit_compile": jit,
+    row = {"batch_size": batch, "jit_compile": jit, "precision": precision,
+           "matmul_gflops": ceilings[precision],
            "steps_per_loop": steps_per_call, "window_steps": window_steps,
            "examples_per_second": rates, "median": medians}
     results.append(row)
-    print(f"batch {batch} xla {'on' if jit else 'off'} (steps per call "
+    print(f"{precision} batch {batch} xla {'on' if jit else 'off'} (steps "
+          f"per call "
           f"{steps_per_call}): " + ", ".join(f"{k} {v:,.0f}" for k, v in
                                   medians.items()) + " examples/s",
           flush=True)
 
-  table = _markdown(results, flops, ceiling)
+  table = _markdown(results, flops)
   print(table)
   if fv.json_out:
     from research.files import write_json
@@ -136,7 +157,7 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
                     "tensorflow": tf.__version__,
                     "keras": tf.keras.__version__},
         "dataset": fv.dataset, "flops_per_example": flops,
-        "matmul_gflops": ceiling, "results": results, "table": table})
+        "matmul_gflops": ceilings, "results": results, "table": table})
 
 
 def main(argv):
@@ -145,17 +166,20 @@ def main(argv):
   run(FLAGS, argv)
 
 
-def _markdown(results, flops, ceiling) -> str:
+def _markdown(results, flops) -> str:
   lines = [
-      "| batch | XLA | loop ex/s | loop on synthetic ex/s | fit default ex/s "
-      "| fit matched ex/s | loop ÷ fit default | loop ÷ fit matched "
-      "| real ÷ synthetic | loop GFLOP/s (÷ matmul) |",
-      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+      "| precision | batch | XLA | loop ex/s | loop on synthetic ex/s "
+      "| fit default ex/s | fit matched ex/s | loop ÷ fit default "
+      "| loop ÷ fit matched | real ÷ synthetic "
+      "| loop GFLOP/s (÷ its matmul) |",
+      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in results:
     m = r["median"]
     gflops = m["loop"] * flops / 1e9
+    ceiling = r["matmul_gflops"]
     lines.append(
-        f"| {r['batch_size']} | {'on' if r['jit_compile'] else 'off'} "
+        f"| {r['precision']} | {r['batch_size']} "
+        f"| {'on' if r['jit_compile'] else 'off'} "
         f"| {m['loop']:,.0f} | {m['loop_synthetic']:,.0f} "
         f"| {m['fit_default']:,.0f} | {m['fit_matched']:,.0f} "
         f"| {m['loop'] / m['fit_default']:.2f} "

@@ -30,15 +30,21 @@ def test_benchmark_script_reports_every_contender(tmp_path):
   proc = run_in_process("benchmark.py", "--batch_sizes=16",
                         "--xla_batch_sizes=", "--windows=1",
                         "--window_examples=160", "--synthetic_train_size=512",
-                        "--matmul_size=256", f"--json_out={out}")
+                        "--matmul_size=256", "--precisions=mixed_bfloat16",
+                        f"--json_out={out}")
   assert proc.returncode == 0, proc.stderr
   report = json.loads(out.read_text())
   assert report["flops_per_example"] == 25_736_448
-  assert report["matmul_gflops"] > 0
+  assert set(report["matmul_gflops"]) == {"mixed_bfloat16"}
+  assert report["matmul_gflops"]["mixed_bfloat16"] > 0
   (row,) = report["results"]
   assert row["batch_size"] == 16 and row["window_steps"] == 10
+  assert row["precision"] == "mixed_bfloat16"
   assert set(row["examples_per_second"]) == {
       "loop", "loop_synthetic", "fit_default", "fit_matched"}
   assert all(len(v) == 1 and min(v) > 0
              for v in row["examples_per_second"].values())
-  assert "| 16 | off |" in proc.stdout
+  assert "| mixed_bfloat16 | 16 | off |" in proc.stdout
+  proc = run_in_process("benchmark.py", "--precisions=float64")
+  assert proc.returncode == 2
+  assert "--precisions: 'float64' is not one of" in proc.stderr
