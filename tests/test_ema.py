@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from conftest import convnet_training
 from research import data as data_lib
+from research import distribute
 from research import export as export_lib
 from research import optim
 from research.config import ModelConfig
@@ -30,7 +31,9 @@ def _train_dataset(strategy, batch=16):
 
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_the_average_follows_its_formula(replicas):
-  strategy = (tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  # Keys of its own: another strategy of this test process may have
+  # all-reduced tensors of other shapes (distribute.mirrored_strategy).
+  strategy = (distribute.mirrored_strategy(["/cpu:0", "/cpu:1"])
               if replicas == 2 else tf.distribute.get_strategy())
   state, runner = convnet_training(strategy, total_steps=4, ema_decay=DECAY,
                                    learning_rate=0.01, global_batch_size=16)
