@@ -31,6 +31,7 @@ from research.resume import METRICS_FILE
 from research.run_lock import RunLock
 from research.selection import BEST_SUBDIR
 from research.summaries import SummaryManager
+from research.train import cadence_of
 from research.training import build_training
 
 # The sidecar's folder in a run directory: its TensorBoard runs
@@ -92,9 +93,7 @@ class RunEvaluator:
         data_lib.load(config.data, seed=config.seed),
         config.data.validation_size)
     step = config.step
-    self.total_steps = config.loop.epochs * data_lib.steps_per_epoch(
-        len(self.data.train_labels), step.global_batch_size,
-        not step.keep_short_batch)
+    self.total_steps = cadence_of(config, self.data).total_steps
     self._batch = step.global_batch_size
     self._state, self._runner = build_training(
         strategy=tf.distribute.get_strategy(), model_config=config.model,
