@@ -81,9 +81,13 @@ class ModelConfig:
   Attributes:
     name: A name registered in ``model.MODELS``.
     l2: Kernel L2 regularization factor of every conv and dense layer.
+    flip_average: Predict with the mean of the logits of each image and its
+      left-right mirror (test-time augmentation), in every evaluation and
+      in the export (``model.inference_logits``); training is unchanged.
   """
   name: str = "convnet"
   l2: float = 0.0
+  flip_average: bool = False
 
   def __post_init__(self):
     _at_least(self, 0, "l2")

@@ -11,6 +11,7 @@ checkpoint of a running job. ``scripts/evaluate.py`` is their command line.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -68,8 +69,13 @@ class RunEvaluator:
     total_steps: The run's last global step (its final checkpoint's).
   """
 
-  def __init__(self, model_dir: str):
+  def __init__(self, model_dir: str, *, flip_average: bool | None = None):
     """Reads the run's configuration and data and builds its model.
+
+    Args:
+      model_dir: The run's directory.
+      flip_average: Evaluate with (True) or without (False) test-time flip
+        averaging instead of as the run does (None).
 
     Raises:
       UserError: for a directory that is no run (no or a damaged
@@ -87,6 +93,9 @@ class RunEvaluator:
     except (TypeError, ValueError) as e:
       raise UserError(f"{CONFIG_FILE} in {model_dir} holds no valid "
                       f"configuration ({e})") from None
+    if flip_average is not None:
+      config = dataclasses.replace(config, model=dataclasses.replace(
+          config.model, flip_average=flip_average))
     self.model_dir = model_dir
     self.config = config
     self.data = data_lib.split_validation(
@@ -145,8 +154,10 @@ class RunEvaluator:
 
   def summarize(self, evaluated: dict[str, Any]) -> dict[str, Any]:
     """``evaluate``'s result as JSON: ``{"checkpoint", "step",
-    "evaluations": {set: reporting.evaluation_summary(...)}}``."""
+    "flip_average", "evaluations": {set:
+    reporting.evaluation_summary(...)}}``."""
     return {"checkpoint": evaluated["checkpoint"], "step": evaluated["step"],
+            "flip_average": self.config.model.flip_average,
             "evaluations": {
                 name: evaluation_summary(result, self.data.class_names)
                 for name, result in evaluated["results"].items()}}
@@ -163,13 +174,16 @@ class RunEvaluator:
 
 
 def evaluate_run(model_dir: str, *, checkpoint: str = "latest",
-                 eval_sets: Sequence[str] | None = None) -> dict[str, Any]:
+                 eval_sets: Sequence[str] | None = None,
+                 flip_average: bool | None = None) -> dict[str, Any]:
   """Evaluates a checkpoint of a training run on the default strategy.
 
   Args:
     model_dir: The run's directory.
     checkpoint: ``latest``, ``best`` or a checkpoint path prefix.
     eval_sets: Sets to evaluate (default: every set the run has).
+    flip_average: Override the run's test-time flip averaging (None: as
+      the run evaluates).
 
   Returns:
     ``RunEvaluator.summarize``'s form.
@@ -178,7 +192,7 @@ def evaluate_run(model_dir: str, *, checkpoint: str = "latest",
     UserError: for a directory that is no run, a missing or damaged
       checkpoint, or a set the run does not have.
   """
-  evaluator = RunEvaluator(model_dir)
+  evaluator = RunEvaluator(model_dir, flip_average=flip_average)
   path = resolve_checkpoint(model_dir, checkpoint)
   sets = evaluator.sets(eval_sets)
   return evaluator.summarize(evaluator.evaluate(path, sets))

@@ -65,14 +65,15 @@ def _fresh_float32_copy(model: tf.keras.Model, model_config: ModelConfig,
 
 
 def _archive(model: tf.keras.Model, class_names: Sequence[str],
-             image_shape: Sequence[int]) -> tf.keras.export.ExportArchive:
+             image_shape: Sequence[int], flip_average: bool
+             ) -> tf.keras.export.ExportArchive:
   """The export's signatures and class names, ready to be written."""
 
   def serve(images):
-    # training=False: batch norm in inference mode and dropout off, whatever
-    # layers the model grows later.
-    logits = tf.cast(model(data_lib.to_float(images), training=False),
-                     tf.float32)
+    # The evaluation's own logits: inference mode, and the flip average if
+    # the model was evaluated with it.
+    logits = model_lib.inference_logits(model, data_lib.to_float(images),
+                                        flip_average=flip_average)
     probabilities = tf.nn.softmax(logits, axis=-1)
     return {"probabilities": probabilities,
             "top_class": tf.argmax(probabilities, axis=-1,
@@ -129,7 +130,7 @@ def export_saved_model(model: tf.keras.Model, export_dir: str, *,
   """
   archive = _archive(
       _fresh_float32_copy(model, model_config, class_names, image_shape),
-      class_names, image_shape)
+      class_names, image_shape, model_config.flip_average)
   recover_interrupted_export(export_dir)
   tmp = _sibling(export_dir, "tmp")
   try:

@@ -150,6 +150,34 @@ def build(model: tf.keras.Model, input_shape=IMAGE_SHAPE) -> tf.keras.Model:
   return model
 
 
+def inference_logits(model: tf.keras.Model, images, *,
+                     flip_average: bool = False,
+                     dtype: tf.DType = tf.float32) -> tf.Tensor:
+  """The logits every evaluation and the export use.
+
+  The model runs in inference mode (``training=False``: batch norm on its
+  moving statistics, dropout off). With ``flip_average`` the logits are the
+  mean of those of each image and of its left-right mirror (test-time
+  augmentation); both halves go through the model as one batch.
+
+  Args:
+    model: A model returning logits.
+    images: Float model input ``[N, H, W, C]``.
+    flip_average: Average over each image and its mirror.
+    dtype: The logits' type (the mean is taken in it, not in a bfloat16 or
+      float16 compute type).
+
+  Returns:
+    ``[N, classes]`` logits of type ``dtype``.
+  """
+  if not flip_average:
+    return tf.cast(model(images, training=False), dtype)
+  both = tf.cast(model(tf.concat([images, tf.reverse(images, axis=[2])], 0),
+                       training=False), dtype)
+  plain, mirrored = tf.split(both, 2)
+  return (plain + mirrored) / 2
+
+
 def copy_weights(source: tf.keras.Model, target: tf.keras.Model) -> None:
   """Copies every weight of ``source`` into ``target`` (either form).
 

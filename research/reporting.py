@@ -27,6 +27,7 @@ import tensorflow as tf
 from research import config as config_lib
 from research import data as data_lib
 from research import figures
+from research import model as model_lib
 from research.controller import Action
 from research.controller import Evaluation
 from research.controller import TrainCall
@@ -208,7 +209,7 @@ class EvalImageReporter(Action):
                class_names: Sequence[str],
                sample_images: dict[str, tuple[np.ndarray, np.ndarray]],
                evaluation_weights: Callable[[], ContextManager] =
-               contextlib.nullcontext):
+               contextlib.nullcontext, flip_average: bool = False):
     """Args:
       summaries: Where summaries go.
       model: The trained model.
@@ -218,12 +219,15 @@ class EvalImageReporter(Action):
         grid).
       evaluation_weights: Within it, the model holds the weights that were
         evaluated (``TrainingState.evaluation_weights``).
+      flip_average: Predict as the evaluation did
+        (``model.inference_logits``).
     """
     self.summaries = summaries
     self.model = model
     self.evaluation_weights = evaluation_weights
     self.class_names = list(class_names)
     self.sample_images = sample_images
+    self.flip_average = flip_average
 
   def after_evaluation(self, evaluation: Evaluation) -> None:
     if not self.summaries.enabled:
@@ -236,7 +240,9 @@ class EvalImageReporter(Action):
       pixels, labels = self.sample_images[set_name]
       if len(pixels):
         with self.evaluation_weights():
-          logits = self.model(data_lib.to_float(pixels), training=False)
+          logits = model_lib.inference_logits(
+              self.model, data_lib.to_float(pixels),
+              flip_average=self.flip_average)
         predictions = np.argmax(np.asarray(logits), axis=-1)
         images["predictions"] = figures.prediction_grid(
             pixels, labels, predictions, self.class_names)

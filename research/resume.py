@@ -32,7 +32,7 @@ REFUSED = (
     "keep_short_batch", "model", "l2", "mixed_precision", "optimizer",
     "weight_decay", "momentum", "nesterov", "lr_schedule", "warmup_steps",
     "lr_decay_rate", "lr_decay_steps", "label_smoothing", "clip_grad_norm",
-    "validation_size", "best_metric", "ema_decay")
+    "validation_size", "best_metric", "ema_decay", "flip_average")
 
 
 def data_facts(data: data_lib.ArrayData) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import tensorflow as tf
 from research import calibration
 from research import data as data_lib
 from research import distribute
+from research import model as model_lib
 from research import optim
 from research.options import NAN_POLICIES
 
@@ -49,7 +50,8 @@ class StepRunner:
                global_batch_size: int, keep_short_batch: bool = False,
                jit_compile: bool = False, nan_policy: str = "stop",
                label_smoothing: float = 0.0, clip_grad_norm: float = 0.0,
-               keep_last_gradients: bool = False):
+               keep_last_gradients: bool = False,
+               flip_average: bool = False):
     """Builds the step functions (they trace on first call).
 
     Args:
@@ -73,6 +75,8 @@ class StepRunner:
         scaled down to at most this L2 norm before the update.
       keep_last_gradients: Return each call's last applied gradient (for
         histograms); off, no extra copy of the gradients stays alive.
+      flip_average: Evaluate with test-time flip averaging
+        (``model.inference_logits``).
 
     Raises:
       ValueError: if ``global_batch_size`` is not positive or not divisible by
@@ -107,6 +111,7 @@ class StepRunner:
     self.label_smoothing = label_smoothing
     self.clip_grad_norm = clip_grad_norm
     self.keep_last_gradients = keep_last_gradients
+    self.flip_average = flip_average
     # The logits' width: the last trainable variable is the output bias.
     self.num_classes = int(getattr(model, "num_classes", 0) or
                            model.trainable_variables[-1].shape[-1])
@@ -215,7 +220,9 @@ class StepRunner:
     # weights: 1 for a real example, 0 for the padding of the last batch
     # (data.make_eval_dataset), which then counts nowhere.
     images = _model_input(images, ())
-    logits = tf.cast(self.model(images, training=False), self.loss_dtype)
+    logits = model_lib.inference_logits(self.model, images,
+                                        flip_average=self.flip_average,
+                                        dtype=self.loss_dtype)
     loss_sum = tf.reduce_sum(self.loss_fn(labels, logits) *
                              tf.cast(weights, self.loss_dtype))
     predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)

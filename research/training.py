@@ -150,7 +150,8 @@ def build_training(*, strategy: tf.distribute.Strategy,
         nan_policy=step_config.nan_policy,
         label_smoothing=step_config.label_smoothing,
         clip_grad_norm=step_config.clip_grad_norm,
-        keep_last_gradients=keep_last_gradients, **(runner_args or {}))
+        keep_last_gradients=keep_last_gradients,
+        flip_average=model_config.flip_average, **(runner_args or {}))
   # Plain (not mirrored) variables: only the host reads and writes them.
   global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
                             name="global_step")

@@ -178,8 +178,8 @@ def train_config_from_flags(fv: flags.FlagValues, *, model_dir: str, strategy):
 
   The flags that are not fields as they stand are resolved first: the global
   batch size, XLA, the profile steps, the image size and the evaluation
-  sets (``config.default_eval_sets`` when not given; none with
-  ``--noeval_in_loop``).
+  sets (``config.default_eval_sets`` when not given; none when given empty
+  or with ``--noeval_in_loop``).
 
   Raises:
     UserError: if the global batch does not divide over the replicas, or
@@ -197,12 +197,15 @@ def train_config_from_flags(fv: flags.FlagValues, *, model_dir: str, strategy):
       raise UserError("--noeval_in_loop evaluates nothing in the loop: drop "
                       "--eval_sets and --final_eval_sets, or --noeval_in_loop")
     during = final = ()
+  # Given, even empty (--eval_sets=), the flag wins over the default.
+  if fv["eval_sets"].present:
+    during = tuple(fv.eval_sets or ())
+  if fv["final_eval_sets"].present:
+    final = tuple(fv.final_eval_sets or ())
   resolved = {
       "model_dir": model_dir, "global_batch_size": global_batch_size,
-      "jit_compile": jit_compile,
-      "eval_sets": tuple(fv.eval_sets) if fv.eval_sets else during,
-      "final_eval_sets": (tuple(fv.final_eval_sets) if fv.final_eval_sets
-                          else final),
+      "jit_compile": jit_compile, "eval_sets": during,
+      "final_eval_sets": final,
       "profile_steps": parse_profile_steps(fv.profile_steps),
       "resize_images": parse_image_size(fv.resize_images)}
   try:

@@ -49,6 +49,10 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                     "run has).", flag_values=fv)
   flags.DEFINE_string("json_out", None, "Also write the results here.",
                       flag_values=fv)
+  flags.DEFINE_bool("flip_average", None,
+                    "Evaluate with (or, --noflip_average, without) test-time "
+                    "flip averaging (default: as the run does).",
+                    flag_values=fv)
   flags.DEFINE_bool("continuous", False,
                     "Sidecar: evaluate each new checkpoint of the run as it "
                     "appears, until its final one.", flag_values=fv)
@@ -74,6 +78,9 @@ def run(fv: flags.FlagValues, args: list[str]) -> None:
   if fv.continuous and fv["checkpoint"].present:
     cli.exit_with_error("--continuous evaluates every checkpoint of the run; "
                         "drop --checkpoint, or --continuous")
+  if fv.continuous and fv.flip_average is not None:
+    cli.exit_with_error("--continuous evaluates as the run does; drop "
+                        "--flip_average, or --continuous")
   try:
     if fv.continuous:
       records = evaluation.evaluate_continuously(
@@ -84,12 +91,14 @@ def run(fv: flags.FlagValues, args: list[str]) -> None:
         write_json(fv.json_out, records)
       return
     results = evaluation.evaluate_run(fv.model_dir, checkpoint=fv.checkpoint,
-                                      eval_sets=fv.eval_sets)
+                                      eval_sets=fv.eval_sets,
+                                      flip_average=fv.flip_average)
     if fv.json_out:
       write_json(fv.json_out, results)
   except UserError as e:
     cli.exit_with_error(str(e), status=e.exit_status)
-  print(f"checkpoint {results['checkpoint']} (step {results['step']})")
+  print(f"checkpoint {results['checkpoint']} (step {results['step']})"
+        f"{' with flip averaging' if results['flip_average'] else ''}")
   for name, result in results["evaluations"].items():
     print(f"{name}: accuracy {result['accuracy']:.4f} "
           f"({result['correct']}/{result['count']}) loss "

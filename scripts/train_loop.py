@@ -106,6 +106,10 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                     "end.", flag_values=fv)
   flags.DEFINE_float("l2", 0.0, "Kernel L2 regularization factor.",
                      lower_bound=0.0, flag_values=fv)
+  flags.DEFINE_bool("flip_average", False,
+                    "Test-time augmentation: evaluate and export the mean of "
+                    "the logits of each image and its left-right mirror.",
+                    flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of initialization, data order and "
                        "augmentation.", flag_values=fv)
   flags.DEFINE_integer("steps_per_loop", 100,
@@ -122,10 +126,12 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                     "Sets evaluated during training: "
                     f"{','.join(options.EVAL_SETS)} or one the dataset adds "
                     "(default: validation "
-                    "with --validation_size, else test).", flag_values=fv)
+                    "with --validation_size, else test; --eval_sets= : none, "
+                    "the final evaluation only).", flag_values=fv)
   flags.DEFINE_list("final_eval_sets", None,
                     "Sets evaluated once at the end (default: validation,"
-                    "test with --validation_size, else test).",
+                    "test with --validation_size, else test; --final_eval_sets= "
+                    ": none).",
                     flag_values=fv)
   flags.DEFINE_bool("eval_in_loop", True,
                     "Evaluate during and at the end of training; "

@@ -18,9 +18,11 @@ from conftest import (REPO, SCRIPTS, read_scalars, run_in_process,
 from research.run_lock import LOCK_FILE
 
 # With an EMA of the weights: resume must restore it too, and evaluation
-# (of the averages) must continue bitwise.
+# (of the averages) must continue bitwise. The test set each epoch (not
+# the config's small validation set): an evaluation long enough to be
+# killed in.
 SMOKE = ["--flagfile=configs/smoke.flags", "--deterministic",
-         "--ema_decay=0.9"]
+         "--ema_decay=0.9", "--eval_sets=test"]
 TRAIN_STEPS = [8, 16, 24, 32, 40, 48]
 EVAL_STEPS = [16, 32, 48]
 

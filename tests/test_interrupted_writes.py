@@ -21,9 +21,10 @@ import tensorflow as tf
 from conftest import REPO, run_in_process
 from research import export as export_lib
 
-# 64 examples, batch 32: 2 steps an epoch.
-TINY = ["--flagfile=configs/smoke.flags", "--synthetic_train_size=64",
-        "--synthetic_test_size=32", "--deterministic"]
+# 64 training examples (96 less 32 for validation), batch 32: 2 steps an
+# epoch.
+TINY = ["--flagfile=configs/smoke.flags", "--synthetic_train_size=96",
+        "--validation_size=32", "--synthetic_test_size=32", "--deterministic"]
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from conftest import train_in_process
 from research import data as data_lib
 from research import evaluation
 from research import export as export_lib
+from research.config import ModelConfig
 
 SETTINGS = dict(epochs=2, global_batch_size=32, steps_per_loop=2,
                 checkpoint_every_steps=2, eval_every_steps=2,
@@ -159,6 +160,43 @@ def test_the_export_serves_the_averaged_weights(finished_run):
   assert not np.allclose(
       served, tf.nn.softmax(raw(data_lib.to_float(images))).numpy(),
       atol=1e-4)
+
+
+def test_flip_averaging_in_evaluation_and_in_the_export(finished_run,
+                                                       tmp_path):
+  run, _ = finished_run
+  data = data_lib.make_synthetic(num_train=128, num_test=32, seed=4)
+  model, spec, _ = export_lib.load_model_from_run(str(run))
+  images, labels = data.test_images, data.test_labels
+  plain = model(data_lib.to_float(images)).numpy()
+  mirrored = model(data_lib.to_float(images[:, :, ::-1])).numpy()
+  averaged = (plain + mirrored) / 2
+  # evaluate.py's override on a run trained without it: the mean logits.
+  evaluations = {
+      flip: evaluation.evaluate_run(str(run), eval_sets=["test"],
+                                    flip_average=flip)
+      for flip in (False, True)}
+  for flip, logits in ((False, plain), (True, averaged)):
+    assert evaluations[flip]["flip_average"] is flip
+    result = evaluations[flip]["evaluations"]["test"]
+    assert result["correct"] == int((logits.argmax(1) == labels).sum())
+    nll = -tf.nn.log_softmax(logits).numpy()[np.arange(len(labels)), labels]
+    np.testing.assert_allclose(result["nll"], nll.mean(), rtol=1e-5)
+  assert abs(evaluations[True]["evaluations"]["test"]["nll"] -
+             evaluations[False]["evaluations"]["test"]["nll"]) > 1e-4
+  # The export predicts the same way, so its predictions are mirror-blind.
+  export_dir = export_lib.export_saved_model(
+      model, str(tmp_path / "flip"), class_names=spec["class_names"],
+      image_shape=spec["image_shape"],
+      model_config=ModelConfig(flip_average=True))
+  serve = tf.saved_model.load(export_dir).signatures["serving_default"]
+  served = serve(images=tf.constant(images))["probabilities"].numpy()
+  np.testing.assert_allclose(served, tf.nn.softmax(averaged).numpy(),
+                             rtol=1e-5, atol=1e-6)
+  served_mirrored = serve(images=tf.constant(images[:, :, ::-1]))
+  np.testing.assert_allclose(served_mirrored["probabilities"].numpy(),
+                             served, rtol=1e-5, atol=1e-6)
+  assert np.abs(tf.nn.softmax(plain).numpy() - served).max() > 1e-4
 
 
 def test_noeval_in_loop_trains_without_evaluating(tmp_path):

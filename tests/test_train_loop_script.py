@@ -14,8 +14,9 @@ from research import data as data_lib
 from research import model as model_lib
 
 SMOKE = "--flagfile=configs/smoke.flags"
-# configs/smoke.flags: 512 examples, batch 32 -> 16 steps/epoch, 3 epochs,
-# 8 steps per loop, checkpoints every 16 steps.
+# configs/smoke.flags: 512 training examples (64 of 576 held out for
+# validation), batch 32 -> 16 steps/epoch, 3 epochs, 8 steps per loop,
+# checkpoints every 16 steps; validation each epoch, the test set at the end.
 TRAIN_STEPS = [8, 16, 24, 32, 40, 48]
 EVAL_STEPS = [16, 32, 48]
 
@@ -47,18 +48,22 @@ def test_smoke_run_writes_events_checkpoint_and_metrics(smoke_run):
     assert [s for s, _ in train[tag]] == list(range(1, 49)), tag
   assert all(v == pytest.approx(0.001) for _, v in train["learning_rate"])
   assert train["loss"][-1][1] < train["loss"][0][1]
+  validation = read_scalars(os.path.join(model_dir, "validation"))
   evals = read_scalars(os.path.join(model_dir, "test"))
   per_evaluation = {"loss", "accuracy", "nll", "brier", "ece"}
-  assert per_evaluation <= set(evals)
-  assert all(t in per_evaluation or t.startswith("class_accuracy/")
-             for t in evals)
-  assert [s for s, _ in evals["accuracy"]] == EVAL_STEPS
+  for scalars in (validation, evals):
+    assert per_evaluation <= set(scalars)
+    assert all(t in per_evaluation or t.startswith("class_accuracy/")
+               for t in scalars)
+  assert [s for s, _ in validation["accuracy"]] == EVAL_STEPS
+  assert [s for s, _ in evals["accuracy"]] == [48]  # Once, at the end.
 
   assert tf.train.latest_checkpoint(
       os.path.join(model_dir, "checkpoints")).endswith("ckpt-48")
   metrics = _metrics(model_dir)
   assert metrics["global_step"] == 48 and metrics["epochs"] == 3
   assert metrics["eval_count"] == 128
+  assert metrics["evaluations"]["validation"]["count"] == 64
   assert metrics["eval_accuracy"] == metrics["eval_correct"] / 128
   assert metrics["eval_accuracy"] == pytest.approx(evals["accuracy"][-1][1])
   for name in ("nll", "brier", "ece"):
@@ -72,6 +77,8 @@ def test_smoke_run_writes_events_checkpoint_and_metrics(smoke_run):
   assert flag_values["batch_size"] == 32
   assert flag_values["dataset"] == "synthetic"
   assert "train step 48/48" in proc.stdout and "eval test step 48/48" in proc.stdout
+  assert "eval validation step 16/48" in proc.stdout
+  assert "eval test step 16/48" not in proc.stdout
   assert "ETA" in proc.stdout
 
 
@@ -103,7 +110,7 @@ def test_resume_trains_only_what_is_left(tmp_path, smoke_run):
   # Running a finished run again changes nothing and records nothing twice.
   assert run_in_process("train_loop.py", SMOKE,
                         f"--model_dir={model_dir}").returncode == 0
-  evals = read_scalars(os.path.join(model_dir, "test"))
+  evals = read_scalars(os.path.join(model_dir, "validation"))
   assert [s for s, _ in evals["accuracy"]] == EVAL_STEPS
 
 
@@ -116,7 +123,7 @@ def test_two_cpu_replicas_report_correct_eval_accuracy(tmp_path):
   metrics = _metrics(model_dir)
   assert metrics["num_replicas"] == 2 and metrics["global_step"] == 16
   # Recompute the accuracy of the saved weights independently.
-  data = data_lib.make_synthetic(num_train=512, num_test=128, seed=1)
+  data = data_lib.make_synthetic(num_train=576, num_test=128, seed=1)
   net = model_lib.build(model_lib.ConvNet())
   tf.train.Checkpoint(model=net).restore(tf.train.latest_checkpoint(
       os.path.join(model_dir, "checkpoints"))).expect_partial()
@@ -154,16 +161,18 @@ BAD_FLAGS = [
      "--profile_steps=9 is not FIRST,LAST"),
     ("reversed_profile_steps", ["--profile_steps=9,3"],
      "--profile_steps=9,3 is not FIRST,LAST"),
-    ("validation_not_smaller_than_train", ["--validation_size=512"],
-     "--validation_size=512 must be in [0, 512)"),
-    ("validation_empties_a_class", ["--validation_size=511"],
-     "--validation_size=511 leaves no training example of class"),
-    ("validation_set_without_a_split", ["--eval_sets=validation"],
+    ("validation_not_smaller_than_train", ["--validation_size=576"],
+     "--validation_size=576 must be in [0, 576)"),
+    ("validation_empties_a_class", ["--validation_size=575"],
+     "--validation_size=575 leaves no training example of class"),
+    ("validation_set_without_a_split",
+     ["--validation_size=0", "--eval_sets=validation"],
      "validation_size is 0"),
     ("unknown_eval_set", ["--final_eval_sets=train"],
      "final_eval_sets must be distinct set names (validation, test, or one "
      "the dataset adds), got ('train',)"),
-    ("best_metric_never_reported", ["--best_metric=validation/accuracy"],
+    ("best_metric_never_reported",
+     ["--eval_sets=test", "--best_metric=validation/accuracy"],
      "best_metric 'validation/accuracy' needs the set 'validation' "
      "evaluated during training"),
     ("unknown_best_metric", ["--best_metric=test/f1"],
