@@ -13,7 +13,7 @@ ARGS ?=
 # shared fixtures (a reference run, a batch of equivalence cases) run once.
 PYTEST := $(PY) -m pytest -n 3 --dist loadfile
 
-.PHONY: install train smoke test test-fast bench gpu-check clean
+.PHONY: install train smoke test test-fast bench bench-tta gpu-check clean
 
 # uv (from PyPI) unpacks TensorFlow's ~600 MB of wheels and compiles their
 # bytecode in parallel: about 25 s on 2 cores where pip takes about 50.
@@ -53,6 +53,12 @@ test-fast: install
 # make bench ARGS="--dataset=folder --data_dir=/tmp/cifar10-jpeg"
 bench: install
 	$(PY) scripts/benchmark.py $(ARGS)
+
+# Time to accuracy: configs/cifar10.flags and configs/cifar10_fast.flags
+# trained alternately, 3 seeds (BENCHMARKS.md). Real data:
+# make bench-tta ARGS="-- --dataset=folder --data_dir=/tmp/cifar10-jpeg"
+bench-tta: install
+	$(PY) scripts/time_to_accuracy.py $(ARGS)
 
 # On a GPU machine, after `.venv/bin/pip install -e '.[gpu]'`: the project's
 # commands on its GPUs, as a pass/fail table (BUILD.md, "GPUs").

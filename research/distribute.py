@@ -284,6 +284,40 @@ def resolve_jit_compile(setting: str, strategy: tf.distribute.Strategy, *,
   return True
 
 
+# /proc/cpuinfo flags of x86 CPUs that compute in bfloat16 natively.
+NATIVE_BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bfloat16(cpuinfo: str | None = None) -> bool | None:
+  """Whether this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX).
+
+  Without either, oneDNN converts to float32 and back around every
+  bfloat16 convolution and matmul, and ``mixed_bfloat16`` trains slower
+  than ``float32`` (BENCHMARKS.md, "Precision").
+
+  Args:
+    cpuinfo: ``/proc/cpuinfo``'s text (default: read it).
+
+  Returns:
+    True or False, or None where it cannot be told (no ``/proc/cpuinfo``,
+    or a CPU that reports no x86 flags).
+  """
+  if cpuinfo is None:
+    try:
+      with open("/proc/cpuinfo", encoding="utf-8") as f:
+        cpuinfo = f.read()
+    except OSError:
+      return None
+  flags = set()
+  for line in cpuinfo.splitlines():
+    name, _, value = line.partition(":")
+    if name.strip() == "flags":
+      flags.update(value.split())
+  if not flags:
+    return None
+  return any(flag in flags for flag in NATIVE_BFLOAT16_CPU_FLAGS)
+
+
 def refuse_xla_over_cpus(device_type: str, replicas: int) -> None:
   """Refuses XLA over several logical CPU replicas.
 

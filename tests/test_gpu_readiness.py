@@ -30,6 +30,19 @@ STRATEGY_KINDS = {"one_device": True, "mirrored": False,
                   "multi_worker_mirrored": False}
 
 
+def test_native_bfloat16_is_read_from_the_cpu_flags():
+  def cpuinfo(flags):
+    return (f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n\n"
+            f"processor\t: 1\nflags\t\t: fpu sse2 {flags}\n")
+  assert distribute.cpu_has_native_bfloat16(cpuinfo("avx512f avx512_bf16"))
+  assert distribute.cpu_has_native_bfloat16(cpuinfo("avx512f amx_bf16"))
+  assert distribute.cpu_has_native_bfloat16(cpuinfo("avx2 avx512f")) is False
+  # Not x86, or no cpuinfo: unknown, and then nothing is claimed.
+  assert distribute.cpu_has_native_bfloat16("processor : 0\nFeatures : fp "
+                                            "asimd bf16\n") is None
+  assert distribute.cpu_has_native_bfloat16("") is None
+
+
 @pytest.mark.parametrize("device,replicas,kind,deterministic", [
     (d, r, k, det) for d, r, k, det in itertools.product(
         ("GPU", "CPU"), (1, 2), STRATEGY_KINDS, (False, True))

@@ -2,14 +2,18 @@
 ending (success, a bad flag, a bad value found after TensorFlow loaded), the
 rest through the same ``run`` in this process (conftest.run_in_process)."""
 
+import glob
 import json
 import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
 
-from conftest import read_scalars, run_in_process, run_script
+import cli_common
+import train_loop
+from conftest import REPO, read_scalars, run_in_process, run_script
 from research import data as data_lib
 from research import model as model_lib
 
@@ -80,6 +84,28 @@ def test_smoke_run_writes_events_checkpoint_and_metrics(smoke_run):
   assert "eval validation step 16/48" in proc.stdout
   assert "eval test step 16/48" not in proc.stdout
   assert "ETA" in proc.stdout
+
+
+@pytest.mark.parametrize("flagfile", sorted(
+    os.path.basename(p) for p in glob.glob(os.path.join(REPO, "configs",
+                                                        "*.flags"))))
+def test_every_config_is_a_valid_run_and_holds_out_validation(flagfile):
+  fv = flags.FlagValues()
+  train_loop.define_flags(fv)
+  fv(["train_loop.py", f"--flagfile={os.path.join(REPO, 'configs', flagfile)}"])
+  config = cli_common.train_config_from_flags(
+      fv, model_dir="unused", strategy=tf.distribute.get_strategy())
+  if flagfile == "cifar10.flags":  # The seed's fit(validation_data=test).
+    assert config.data.validation_size == 0
+    assert config.loop.eval_sets == config.loop.final_eval_sets == ("test",)
+  else:  # Selection never sees the test set: it is evaluated at the end.
+    assert config.data.validation_size > 0
+    assert "test" not in config.loop.eval_sets
+    assert "test" in config.loop.final_eval_sets
+  if flagfile == "cifar10_fast.flags":
+    assert config.loop.eval_sets == ()  # Time: the final evaluation only.
+    assert config.model.flip_average
+    assert config.step.mixed_precision == "mixed_bfloat16"
 
 
 def test_flags_after_the_flagfile_override_it(tmp_path):

@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Time to accuracy: two training configs trained alternately, side by side.
+
+  python scripts/time_to_accuracy.py [--baseline=configs/cifar10.flags] \\
+      [--candidate=configs/cifar10_fast.flags] [--seeds=0,1,2] \\
+      [--work_dir=/tmp/tta] [--json_out=tta.json] \\
+      -- --dataset=folder --data_dir=/tmp/cifar10-jpeg
+
+For each seed it trains the baseline and then the candidate, each in a fresh
+process (``train_loop.py --flagfile=F --seed=S --noexport`` and the flags
+after ``--``), so the two share the machine's state of the moment. From each
+run's metrics.json it reads the training seconds (``wall_seconds``: from the
+start of training to its last evaluation, tracing, evaluations and
+checkpoints included, the data loading before it not) and the test accuracy.
+It prints one row per run, each config's mean +- standard deviation and the
+ratio of the mean training seconds, candidate / baseline. A run finished
+earlier in --work_dir is not trained again: its recorded numbers count, so an
+interrupted comparison continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+import cli_common as cli  # noqa: E402  (scripts/cli_common.py)
+
+FLAGS = flags.FLAGS
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+  """Defines this script's flags on ``fv``."""
+  flags.DEFINE_string("baseline", "configs/cifar10.flags",
+                      "The reference config's flagfile.", flag_values=fv)
+  flags.DEFINE_string("candidate", "configs/cifar10_fast.flags",
+                      "The config timed against it.", flag_values=fv)
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, each trained with both "
+                    "configs.", flag_values=fv)
+  flags.DEFINE_string("work_dir", "/tmp/time_to_accuracy",
+                      "Where the runs and their logs go (<config>_s<seed>).",
+                      flag_values=fv)
+  flags.DEFINE_string("json_out", None, "Also write every number here.",
+                      flag_values=fv)
+
+
+def _name(flagfile: str) -> str:
+  return os.path.splitext(os.path.basename(flagfile))[0]
+
+
+def train_once(flagfile: str, seed: int, work_dir: str,
+               train_args: list[str]) -> dict:
+  """Trains one config with one seed in a fresh process.
+
+  Returns:
+    ``{"config", "seed", "model_dir", "training_seconds",
+    "process_seconds", "test_accuracy"}``.
+
+  Raises:
+    RuntimeError: if the run fails (its log's last line says why).
+  """
+  name = f"{_name(flagfile)}_s{seed}"
+  model_dir = os.path.join(work_dir, name)
+  log_path = os.path.join(work_dir, f"{name}.log")
+  command = [sys.executable, os.path.join(SCRIPTS, "train_loop.py"),
+             f"--flagfile={flagfile}", *train_args, f"--seed={seed}",
+             "--noexport", f"--model_dir={model_dir}"]
+  start = time.perf_counter()
+  with open(log_path, "w", encoding="utf-8") as log:
+    status = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT,
+                             cwd=os.path.dirname(SCRIPTS))
+  process_seconds = time.perf_counter() - start
+  if status != 0:
+    with open(log_path, encoding="utf-8") as log:
+      lines = log.read().strip().splitlines() or ["(no output)"]
+    raise RuntimeError(f"{name} exited {status}: {lines[-1]} (log: "
+                       f"{log_path})")
+  with open(os.path.join(model_dir, "metrics.json"), encoding="utf-8") as f:
+    metrics = json.load(f)
+  test = metrics["evaluations"].get("test")
+  return {"config": flagfile, "seed": seed, "model_dir": model_dir,
+          "training_seconds": metrics["wall_seconds"],
+          "process_seconds": process_seconds,
+          "test_accuracy": test["accuracy"] if test else None}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+  return (statistics.mean(values),
+          statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(runs: list[dict], baseline: str, candidate: str) -> dict:
+  """Each config's mean +- std of training seconds and test accuracy, and
+  the ratio of the mean training seconds (candidate / baseline)."""
+  summary = {}
+  for config in (baseline, candidate):
+    own = [r for r in runs if r["config"] == config]
+    summary[config] = {
+        "training_seconds": _mean_std([r["training_seconds"] for r in own]),
+        "test_accuracy": _mean_std([r["test_accuracy"] for r in own])}
+  summary["ratio"] = (summary[candidate]["training_seconds"][0] /
+                      summary[baseline]["training_seconds"][0])
+  return summary
+
+
+def run(fv: flags.FlagValues, args: list[str]) -> None:
+  """Trains, compares and prints as the parsed flags ``fv`` say.
+
+  Args:
+    fv: This script's parsed flags.
+    args: The arguments after ``--``: train_loop.py flags for every run.
+  """
+  train_args = list(args)
+  for flagfile in (fv.baseline, fv.candidate):
+    if not os.path.isfile(flagfile):
+      cli.exit_with_error(f"{flagfile} not found: --baseline and --candidate "
+                          f"take flagfiles (e.g. configs/cifar10.flags)")
+  if _name(fv.baseline) == _name(fv.candidate):
+    cli.exit_with_error("--baseline and --candidate need flagfiles of "
+                        "different names (their runs are named after them)")
+  try:
+    seeds = [int(s) for s in fv.seeds]
+  except ValueError:
+    cli.exit_with_error(f"--seeds takes integers, got {fv.seeds}")
+  os.makedirs(fv.work_dir, exist_ok=True)
+  runs = []
+  print("| config | seed | training s | process s | test accuracy |")
+  print("| --- | --- | --- | --- | --- |")
+  for seed in seeds:
+    for flagfile in (fv.baseline, fv.candidate):
+      try:
+        result = train_once(flagfile, seed, fv.work_dir, train_args)
+      except RuntimeError as e:
+        cli.exit_with_error(str(e), status=1)
+      runs.append(result)
+      accuracy = result["test_accuracy"]
+      print(f"| {_name(flagfile)} | {seed} | "
+            f"{result['training_seconds']:.1f} | "
+            f"{result['process_seconds']:.1f} | "
+            f"{'-' if accuracy is None else f'{accuracy:.4f}'} |", flush=True)
+  if any(r["test_accuracy"] is None for r in runs):
+    cli.exit_with_error("a run did not evaluate the test set: both configs "
+                        "must have test among their (final) evaluation sets",
+                        status=1)
+  summary = summarize(runs, fv.baseline, fv.candidate)
+  print()
+  for config in (fv.baseline, fv.candidate):
+    seconds, accuracy = (summary[config]["training_seconds"],
+                         summary[config]["test_accuracy"])
+    print(f"{_name(config)}: training {seconds[0]:.1f} +- {seconds[1]:.1f} s, "
+          f"test accuracy {accuracy[0]:.4f} +- {accuracy[1]:.4f} "
+          f"({len(seeds)} seeds)")
+  print(f"ratio of training seconds, {_name(fv.candidate)} / "
+        f"{_name(fv.baseline)}: {summary['ratio']:.3f}")
+  if fv.json_out:
+    from research.files import write_json
+    write_json(fv.json_out, {"runs": runs, "summary": summary,
+                             "train_args": train_args})
+
+
+def main(argv):
+  run(FLAGS, argv[1:])
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags_or_exit)
