@@ -254,6 +254,10 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
     sys.stderr.write("aborted by a second Ctrl-C; nothing saved since the "
                      "last checkpoint; run the same command to resume\n")
     sys.exit(preemption.INTERRUPTED_EXIT_STATUS)
+  if metrics.get("eval_accuracy") is None:  # Nothing evaluated at the end.
+    print(f"done: step {metrics['global_step']} in "
+          f"{metrics['wall_seconds']:.0f}s, nothing evaluated", flush=True)
+    return
   # Runs recorded before evaluation sets evaluated the test set.
   print(f"done: {metrics.get('eval_set', 'test')} accuracy "
         f"{metrics['eval_accuracy']:.4f} "

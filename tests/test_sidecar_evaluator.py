@@ -141,6 +141,10 @@ def test_a_sidecar_with_no_run_to_wait_for_stops_with_one_line(tmp_path):
                         "--continuous", "--checkpoint=best")
   assert proc.returncode == 2
   assert "drop --checkpoint" in proc.stderr.strip().splitlines()[-1]
+  proc = run_in_process("evaluate.py", f"--model_dir={tmp_path}",
+                        "--continuous", "--flip_average")
+  assert proc.returncode == 2
+  assert "drop --flip_average" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_the_export_serves_the_averaged_weights(finished_run):

@@ -110,11 +110,17 @@ def test_every_config_is_a_valid_run_and_holds_out_validation(flagfile):
 
 def test_flags_after_the_flagfile_override_it(tmp_path):
   model_dir = str(tmp_path / "run")
+  # Empty evaluation sets: nothing evaluated, during or at the end.
   proc = run_in_process("train_loop.py", SMOKE, "--epochs=1",
-                        "--steps_per_loop=16", f"--model_dir={model_dir}")
+                        "--steps_per_loop=16", "--eval_sets=",
+                        "--final_eval_sets=", f"--model_dir={model_dir}")
   assert proc.returncode == 0, proc.stderr
   metrics = _metrics(model_dir)
   assert metrics["global_step"] == 16 and metrics["epochs"] == 1
+  assert metrics["evaluations"] == {} and metrics["eval_accuracy"] is None
+  assert "eval " not in proc.stdout
+  assert proc.stdout.strip().splitlines()[-1].startswith(
+      "done: step 16 in ") and "nothing evaluated" in proc.stdout
 
 
 @pytest.mark.slow
