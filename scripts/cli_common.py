@@ -193,7 +193,7 @@ def train_config_from_flags(fv: flags.FlagValues, *, model_dir: str, strategy):
       fv.jit_compile, strategy, deterministic=fv.deterministic)
   during, final = config_lib.default_eval_sets(fv.validation_size)
   if not fv.eval_in_loop:
-    if fv.eval_sets or fv.final_eval_sets:
+    if fv["eval_sets"].present or fv["final_eval_sets"].present:
       raise UserError("--noeval_in_loop evaluates nothing in the loop: drop "
                       "--eval_sets and --final_eval_sets, or --noeval_in_loop")
     during = final = ()

@@ -45,8 +45,8 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_list("eval_sets", None,
                     "Sets to evaluate: "
                     f"{','.join(options.EVAL_SETS)} or one the dataset adds "
-                    "(default: every set the "
-                    "run has).", flag_values=fv)
+                    "(default, or given empty: every set "
+                    "the run has).", flag_values=fv)
   flags.DEFINE_string("json_out", None, "Also write the results here.",
                       flag_values=fv)
   flags.DEFINE_bool("flip_average", None,

@@ -3,19 +3,21 @@
 
   python scripts/time_to_accuracy.py [--baseline=configs/cifar10.flags] \\
       [--candidate=configs/cifar10_fast.flags] [--seeds=0,1,2] \\
-      [--work_dir=/tmp/tta] [--json_out=tta.json] \\
+      [--work_dir=DIR] [--json_out=tta.json] \\
       -- --dataset=folder --data_dir=/tmp/cifar10-jpeg
 
 For each seed it trains the baseline and then the candidate, each in a fresh
 process (``train_loop.py --flagfile=F --seed=S --noexport`` and the flags
-after ``--``), so the two share the machine's state of the moment. From each
-run's metrics.json it reads the training seconds (``wall_seconds``: from the
-start of training to its last evaluation, tracing, evaluations and
-checkpoints included, the data loading before it not) and the test accuracy.
-It prints one row per run, each config's mean +- standard deviation and the
-ratio of the mean training seconds, candidate / baseline. A run finished
-earlier in --work_dir is not trained again: its recorded numbers count, so an
-interrupted comparison continues where it stopped.
+after ``--``, in this directory), so the two share the machine's state of the
+moment. From each run's metrics.json it reads the training seconds
+(``wall_seconds``: from the start of training to its last evaluation,
+tracing, evaluations and checkpoints included, the data loading before it
+not) and the test accuracy. It prints one row per run, each config's mean +-
+standard deviation and the ratio of the mean training seconds, candidate /
+baseline. The runs go to a new --work_dir (by default a fresh folder under
+the system's temporary one); runs already there are refused before anything
+trains: a resumed run would be timed only for its rest, and a finished one
+may come from another version of its config.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -47,8 +50,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                       "The config timed against it.", flag_values=fv)
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, each trained with both "
                     "configs.", flag_values=fv)
-  flags.DEFINE_string("work_dir", "/tmp/time_to_accuracy",
-                      "Where the runs and their logs go (<config>_s<seed>).",
+  flags.DEFINE_string("work_dir", None,
+                      "Where the runs and their logs go (<config>_s<seed>); "
+                      "none of them may exist yet (default: a new folder).",
                       flag_values=fv)
   flags.DEFINE_string("json_out", None, "Also write every number here.",
                       flag_values=fv)
@@ -56,6 +60,11 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
 
 def _name(flagfile: str) -> str:
   return os.path.splitext(os.path.basename(flagfile))[0]
+
+
+def run_name(flagfile: str, seed: int) -> str:
+  """The run directory's (and its log's) name in the work folder."""
+  return f"{_name(flagfile)}_s{seed}"
 
 
 def train_once(flagfile: str, seed: int, work_dir: str,
@@ -69,29 +78,32 @@ def train_once(flagfile: str, seed: int, work_dir: str,
   Raises:
     RuntimeError: if the run fails (its log's last line says why).
   """
-  name = f"{_name(flagfile)}_s{seed}"
+  name = run_name(flagfile, seed)
   model_dir = os.path.join(work_dir, name)
+  metrics_path = os.path.join(model_dir, "metrics.json")
   log_path = os.path.join(work_dir, f"{name}.log")
   command = [sys.executable, os.path.join(SCRIPTS, "train_loop.py"),
              f"--flagfile={flagfile}", *train_args, f"--seed={seed}",
              "--noexport", f"--model_dir={model_dir}"]
   start = time.perf_counter()
   with open(log_path, "w", encoding="utf-8") as log:
-    status = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT,
-                             cwd=os.path.dirname(SCRIPTS))
+    status = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
   process_seconds = time.perf_counter() - start
   if status != 0:
     with open(log_path, encoding="utf-8") as log:
       lines = log.read().strip().splitlines() or ["(no output)"]
     raise RuntimeError(f"{name} exited {status}: {lines[-1]} (log: "
                        f"{log_path})")
-  with open(os.path.join(model_dir, "metrics.json"), encoding="utf-8") as f:
+  with open(metrics_path, encoding="utf-8") as f:
     metrics = json.load(f)
   test = metrics["evaluations"].get("test")
+  if test is None:
+    raise RuntimeError(f"{name} did not evaluate the test set: both configs "
+                       f"need test among their (final) evaluation sets")
   return {"config": flagfile, "seed": seed, "model_dir": model_dir,
           "training_seconds": metrics["wall_seconds"],
           "process_seconds": process_seconds,
-          "test_accuracy": test["accuracy"] if test else None}
+          "test_accuracy": test["accuracy"]}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -121,47 +133,57 @@ def run(fv: flags.FlagValues, args: list[str]) -> None:
     args: The arguments after ``--``: train_loop.py flags for every run.
   """
   train_args = list(args)
-  for flagfile in (fv.baseline, fv.candidate):
+  baseline, candidate = (os.path.abspath(fv.baseline),
+                         os.path.abspath(fv.candidate))
+  for flagfile in (baseline, candidate):
     if not os.path.isfile(flagfile):
       cli.exit_with_error(f"{flagfile} not found: --baseline and --candidate "
                           f"take flagfiles (e.g. configs/cifar10.flags)")
-  if _name(fv.baseline) == _name(fv.candidate):
+  if _name(baseline) == _name(candidate):
     cli.exit_with_error("--baseline and --candidate need flagfiles of "
                         "different names (their runs are named after them)")
   try:
     seeds = [int(s) for s in fv.seeds]
   except ValueError:
     cli.exit_with_error(f"--seeds takes integers, got {fv.seeds}")
-  os.makedirs(fv.work_dir, exist_ok=True)
+  if not seeds:
+    cli.exit_with_error("--seeds needs at least one seed")
+  if fv.work_dir:
+    work_dir = os.path.abspath(fv.work_dir)
+    taken = [run_name(f, seed) for seed in seeds for f in (baseline, candidate)
+             if os.path.exists(os.path.join(work_dir, run_name(f, seed)))]
+    if taken:
+      cli.exit_with_error(f"{work_dir} already holds {', '.join(taken)}: "
+                          f"pass a new --work_dir (or none, for a fresh "
+                          f"folder), or delete them")
+    os.makedirs(work_dir, exist_ok=True)
+  else:
+    work_dir = tempfile.mkdtemp(prefix="time_to_accuracy-")
+  print(f"runs and logs: {work_dir}", flush=True)
   runs = []
   print("| config | seed | training s | process s | test accuracy |")
   print("| --- | --- | --- | --- | --- |")
   for seed in seeds:
-    for flagfile in (fv.baseline, fv.candidate):
+    for flagfile in (baseline, candidate):
       try:
-        result = train_once(flagfile, seed, fv.work_dir, train_args)
+        result = train_once(flagfile, seed, work_dir, train_args)
       except RuntimeError as e:
         cli.exit_with_error(str(e), status=1)
       runs.append(result)
-      accuracy = result["test_accuracy"]
       print(f"| {_name(flagfile)} | {seed} | "
             f"{result['training_seconds']:.1f} | "
             f"{result['process_seconds']:.1f} | "
-            f"{'-' if accuracy is None else f'{accuracy:.4f}'} |", flush=True)
-  if any(r["test_accuracy"] is None for r in runs):
-    cli.exit_with_error("a run did not evaluate the test set: both configs "
-                        "must have test among their (final) evaluation sets",
-                        status=1)
-  summary = summarize(runs, fv.baseline, fv.candidate)
+            f"{result['test_accuracy']:.4f} |", flush=True)
+  summary = summarize(runs, baseline, candidate)
   print()
-  for config in (fv.baseline, fv.candidate):
+  for config in (baseline, candidate):
     seconds, accuracy = (summary[config]["training_seconds"],
                          summary[config]["test_accuracy"])
     print(f"{_name(config)}: training {seconds[0]:.1f} +- {seconds[1]:.1f} s, "
           f"test accuracy {accuracy[0]:.4f} +- {accuracy[1]:.4f} "
           f"({len(seeds)} seeds)")
-  print(f"ratio of training seconds, {_name(fv.candidate)} / "
-        f"{_name(fv.baseline)}: {summary['ratio']:.3f}")
+  print(f"ratio of training seconds, {_name(candidate)} / "
+        f"{_name(baseline)}: {summary['ratio']:.3f}")
   if fv.json_out:
     from research.files import write_json
     write_json(fv.json_out, {"runs": runs, "summary": summary,

@@ -233,9 +233,10 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
     if (config.step.mixed_precision == "mixed_bfloat16" and
         distribute.device_type(strategy) == "CPU" and
         distribute.cpu_has_native_bfloat16() is False):
-      sys.stderr.write("warning: this CPU has no native bfloat16 "
-                       "(avx512_bf16 or amx_bf16 in /proc/cpuinfo): "
-                       "mixed_bfloat16 trains slower than float32 here\n")
+      native = " or ".join(distribute.NATIVE_BFLOAT16_CPU_FLAGS)
+      sys.stderr.write(f"warning: this CPU has no native bfloat16 ({native} "
+                       f"in /proc/cpuinfo): mixed_bfloat16 trains slower "
+                       f"than float32 here\n")
     data = data_lib.load(config.data, seed=config.seed)
     from research import run_record
     from research import train as train_lib

@@ -102,7 +102,8 @@ def test_a_registered_model_and_source_train_resume_and_export(tmp_path,
 
   # The run's files name the model; the export serves it.
   with open(tmp_path / "whole" / "config.json") as f:
-    assert json.load(f)["model"] == {"name": "tiny_mlp", "l2": 0.0}
+    assert json.load(f)["model"] == {"name": "tiny_mlp", "l2": 0.0,
+                                     "flip_average": False}
   loaded = tf.saved_model.load(str(tmp_path / "whole" / "export"))
   probabilities = loaded.signatures["serving_default"](
       images=tf.constant(data.test_images))["probabilities"].numpy()

@@ -15,7 +15,7 @@ from conftest import train_in_process
 from research import data as data_lib
 from research import evaluation
 from research import export as export_lib
-from research.config import ModelConfig
+from research import model as model_lib
 
 SETTINGS = dict(epochs=2, global_batch_size=32, steps_per_loop=2,
                 checkpoint_every_steps=2, eval_every_steps=2,
@@ -30,10 +30,12 @@ SETTINGS = dict(epochs=2, global_batch_size=32, steps_per_loop=2,
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
   """96 training examples, batch 32: 6 steps; checkpoints at 2, 4, 6 of
-  which rotation keeps 4 and 6; the loop evaluates validation at 2, 3, 4, 6."""
+  which rotation keeps 4 and 6; the loop evaluates validation at 2, 3, 4, 6;
+  evaluated and exported with flip averaging."""
   run = tmp_path_factory.mktemp("sidecar") / "run"
   data = data_lib.make_synthetic(num_train=128, num_test=32, seed=4)
-  metrics = train_in_process(run, data, **{**SETTINGS, "export": True})
+  metrics = train_in_process(run, data, **{**SETTINGS, "export": True,
+                                           "flip_average": True})
   return run, metrics
 
 
@@ -158,24 +160,26 @@ def test_the_export_serves_the_averaged_weights(finished_run):
   images = data.test_images[:16]
   served = exported.signatures["serving_default"](
       images=tf.constant(images))["probabilities"].numpy()
-  np.testing.assert_allclose(
-      served, tf.nn.softmax(averaged(data_lib.to_float(images))).numpy(),
-      rtol=1e-5, atol=1e-6)
-  assert not np.allclose(
-      served, tf.nn.softmax(raw(data_lib.to_float(images))).numpy(),
-      atol=1e-4)
+
+  def probabilities(model):  # As the run evaluates: with flip averaging.
+    return tf.nn.softmax(model_lib.inference_logits(
+        model, data_lib.to_float(images), flip_average=True)).numpy()
+  np.testing.assert_allclose(served, probabilities(averaged), rtol=1e-5,
+                             atol=1e-6)
+  assert not np.allclose(served, probabilities(raw), atol=1e-4)
 
 
 def test_flip_averaging_in_evaluation_and_in_the_export(finished_run,
                                                        tmp_path):
-  run, _ = finished_run
+  run, metrics = finished_run
   data = data_lib.make_synthetic(num_train=128, num_test=32, seed=4)
   model, spec, _ = export_lib.load_model_from_run(str(run))
   images, labels = data.test_images, data.test_labels
   plain = model(data_lib.to_float(images)).numpy()
   mirrored = model(data_lib.to_float(images[:, :, ::-1])).numpy()
   averaged = (plain + mirrored) / 2
-  # evaluate.py's override on a run trained without it: the mean logits.
+  assert spec["model"]["flip_average"] is True  # model.json
+  # The run's own evaluation and evaluate.py's override either way.
   evaluations = {
       flip: evaluation.evaluate_run(str(run), eval_sets=["test"],
                                     flip_average=flip)
@@ -186,21 +190,30 @@ def test_flip_averaging_in_evaluation_and_in_the_export(finished_run,
     assert result["correct"] == int((logits.argmax(1) == labels).sum())
     nll = -tf.nn.log_softmax(logits).numpy()[np.arange(len(labels)), labels]
     np.testing.assert_allclose(result["nll"], nll.mean(), rtol=1e-5)
+  assert evaluations[True]["evaluations"]["test"] == \
+      metrics["evaluations"]["test"]  # The loop's own, bitwise.
   assert abs(evaluations[True]["evaluations"]["test"]["nll"] -
              evaluations[False]["evaluations"]["test"]["nll"]) > 1e-4
-  # The export predicts the same way, so its predictions are mirror-blind.
-  export_dir = export_lib.export_saved_model(
-      model, str(tmp_path / "flip"), class_names=spec["class_names"],
-      image_shape=spec["image_shape"],
-      model_config=ModelConfig(flip_average=True))
-  serve = tf.saved_model.load(export_dir).signatures["serving_default"]
+  # The training's export predicts the same way, so it is mirror-blind;
+  # export.py --noflip_average serves the plain logits.
+  serve = tf.saved_model.load(str(run / "export")).signatures[
+      "serving_default"]
   served = serve(images=tf.constant(images))["probabilities"].numpy()
   np.testing.assert_allclose(served, tf.nn.softmax(averaged).numpy(),
                              rtol=1e-5, atol=1e-6)
   served_mirrored = serve(images=tf.constant(images[:, :, ::-1]))
   np.testing.assert_allclose(served_mirrored["probabilities"].numpy(),
                              served, rtol=1e-5, atol=1e-6)
-  assert np.abs(tf.nn.softmax(plain).numpy() - served).max() > 1e-4
+  proc = run_in_process("export.py", f"--model_dir={run}",
+                        f"--export_dir={tmp_path / 'plain'}",
+                        "--noflip_average")
+  assert proc.returncode == 0, proc.stderr
+  plain_served = tf.saved_model.load(str(tmp_path / "plain")).signatures[
+      "serving_default"](images=tf.constant(images))["probabilities"]
+  np.testing.assert_allclose(plain_served.numpy(),
+                             tf.nn.softmax(plain).numpy(), rtol=1e-5,
+                             atol=1e-6)
+  assert np.abs(plain_served.numpy() - served).max() > 1e-4
 
 
 def test_noeval_in_loop_trains_without_evaluating(tmp_path):
