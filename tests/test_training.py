@@ -108,8 +108,9 @@ def _train_run(tmp_path, name, **overrides):
   return metrics, losses
 
 
-# float32 with XLA and mixed_float16 (with its loss scaling, with and
-# without XLA) are not trained here: tests/test_equivalence.py proves each
+# float32 with XLA and mixed_float16 (with its loss scaling) are not
+# trained here: tests/test_equivalence.py (XLA, float16 with XLA) and
+# tests/test_equivalence_replicas.py (float16 on 2 replicas) prove them
 # bitwise equal to fit, step by step.
 @pytest.mark.parametrize("precision,jit", [
     ("float32", False),
