@@ -92,6 +92,14 @@ class ModelConfig:
   def __post_init__(self):
     _at_least(self, 0, "l2")
 
+  def with_flip_average(self, flip_average: bool | None) -> ModelConfig:
+    """This model predicting with (True) or without (False) flip
+    averaging; None: as it is (how ``evaluate.py`` and ``export.py``
+    override a run's choice)."""
+    if flip_average is None:
+      return self
+    return dataclasses.replace(self, flip_average=flip_average)
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:

@@ -93,9 +93,8 @@ class RunEvaluator:
     except (TypeError, ValueError) as e:
       raise UserError(f"{CONFIG_FILE} in {model_dir} holds no valid "
                       f"configuration ({e})") from None
-    if flip_average is not None:
-      config = dataclasses.replace(config, model=dataclasses.replace(
-          config.model, flip_average=flip_average))
+    config = dataclasses.replace(
+        config, model=config.model.with_flip_average(flip_average))
     self.model_dir = model_dir
     self.config = config
     self.data = data_lib.split_validation(

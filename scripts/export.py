@@ -56,7 +56,6 @@ def run(fv: flags.FlagValues, args: list[str]) -> None:
     args: The arguments that are not flags (there must be none).
   """
   cli.refuse_arguments(args)
-  import dataclasses
   from research import data as data_lib
   from research import export as export_lib
   try:
@@ -69,13 +68,11 @@ def run(fv: flags.FlagValues, args: list[str]) -> None:
     # ends, when damaged, in one line naming it.
     model, spec, path = export_lib.load_model_from_run(fv.model_dir,
                                                        fv.checkpoint)
-    model_config = export_lib.model_config_of(spec)
-    if fv.flip_average is not None:
-      model_config = dataclasses.replace(model_config,
-                                         flip_average=fv.flip_average)
     export_dir = export_lib.export_saved_model(
         model, export_dir, class_names=spec["class_names"],
-        image_shape=spec["image_shape"], model_config=model_config)
+        image_shape=spec["image_shape"],
+        model_config=export_lib.model_config_of(spec).with_flip_average(
+            fv.flip_average))
   except UserError as e:
     cli.exit_with_error(str(e), status=e.exit_status)
   print(f"exported {path} to {export_dir}")
