@@ -109,9 +109,10 @@ def _train_run(tmp_path, name, **overrides):
 
 
 # float32 with XLA and mixed_float16 (with its loss scaling) are not
-# trained here: tests/test_equivalence.py (XLA, float16 with XLA) and
-# tests/test_equivalence_replicas.py (float16 on 2 replicas) prove them
-# bitwise equal to fit, step by step.
+# trained here: tests/test_equivalence.py (float16 with XLA) and
+# tests/test_equivalence_replicas.py (float16 on 2 replicas) prove the
+# compiled step and the loss scaling bitwise equal to fit, step by step, and
+# test_gpu_readiness.py trains float32 with XLA.
 @pytest.mark.parametrize("precision,jit", [
     ("float32", False),
     pytest.param("mixed_bfloat16", False, marks=pytest.mark.slow)])
