@@ -76,7 +76,8 @@ def train_once(flagfile: str, seed: int, work_dir: str,
     "process_seconds", "test_accuracy"}``.
 
   Raises:
-    RuntimeError: if the run fails (its log's last line says why).
+    RuntimeError: if the run fails (its log's last line says why) or did
+      not evaluate the test set.
   """
   name = run_name(flagfile, seed)
   model_dir = os.path.join(work_dir, name)
@@ -146,8 +147,9 @@ def run(fv: flags.FlagValues, args: list[str]) -> None:
     seeds = [int(s) for s in fv.seeds]
   except ValueError:
     cli.exit_with_error(f"--seeds takes integers, got {fv.seeds}")
-  if not seeds:
-    cli.exit_with_error("--seeds needs at least one seed")
+  if not seeds or len(set(seeds)) != len(seeds):
+    cli.exit_with_error(f"--seeds needs distinct seeds, at least one; got "
+                        f"{fv.seeds}")
   if fv.work_dir:
     work_dir = os.path.abspath(fv.work_dir)
     taken = [run_name(f, seed) for seed in seeds for f in (baseline, candidate)

@@ -63,6 +63,10 @@ def test_two_configs_timed_side_by_side_from_their_own_metrics(
       f"error: {work_dir} already holds smoke_s3, two_epochs_s3: pass a new "
       f"--work_dir (or none, for a fresh folder), or delete them")
   assert "| smoke |" not in proc.stdout
+  proc = run_in_process("time_to_accuracy.py", "--seeds=1,1")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: --seeds needs distinct seeds, at least one; got ['1', '1']")
 
   # A run that fails: one error line naming its log; nothing else trained.
   # (No --work_dir: a fresh folder, here under tmp_path.)
