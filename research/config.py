@@ -81,16 +81,30 @@ class ModelConfig:
   Attributes:
     name: A name registered in ``model.MODELS``.
     l2: Kernel L2 regularization factor of every conv and dense layer.
+    dropout: Dropout rate (ConvNet: before each dense layer; ResNet: before
+      the classifier); 0: none.
+    resnet_depth: ``resnet``: ``6n + 2`` layers.
+    sync_batch_norm: Batch-norm statistics over the global batch (all
+      replicas); None: when there is more than one replica
+      (``model.resolve_sync_batch_norm``).
     flip_average: Predict with the mean of the logits of each image and its
       left-right mirror (test-time augmentation), in every evaluation and
       in the export (``model.inference_logits``); training is unchanged.
   """
   name: str = "convnet"
   l2: float = 0.0
+  dropout: float = 0.0
+  resnet_depth: int = 20
+  sync_batch_norm: bool | None = None
   flip_average: bool = False
 
   def __post_init__(self):
-    _at_least(self, 0, "l2")
+    _at_least(self, 0, "l2", "dropout")
+    if self.dropout >= 1:
+      raise ValueError(f"dropout must be < 1, got {self.dropout}")
+    if self.resnet_depth < 8 or (self.resnet_depth - 2) % 6:
+      raise ValueError(f"resnet_depth must be 6n+2 with n >= 1 (20, 32, 44, "
+                       f"56, 110, ...), got {self.resnet_depth}")
 
   def with_flip_average(self, flip_average: bool | None) -> ModelConfig:
     """This model predicting with (True) or without (False) flip

@@ -24,16 +24,20 @@ from typing import Callable, Sequence
 
 import tensorflow as tf
 
+from research import resnet
 from research.config import ModelConfig
+from research.layers import ReplicaDropout
+from research.layers import rng_states
 from research.registry import Registry
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
 
 
-def _layer_stack(num_classes: int, l2: float, dtype: str | None
-                 ) -> list[tf.keras.layers.Layer]:
-  """The seed's layers, in order, shared by both model forms."""
+def _layer_stack(num_classes: int, l2: float, dtype: str | None,
+                 dropout: float = 0.0) -> list[tf.keras.layers.Layer]:
+  """The seed's layers, in order, shared by both model forms (with
+  ``dropout``, a dropout layer before each dense layer)."""
   reg = tf.keras.regularizers.L2(l2) if l2 else None
   # Under a mixed policy the logits layer still computes in float32, so the
   # softmax and loss never see float16 overflow or underflow.
@@ -50,6 +54,11 @@ def _layer_stack(num_classes: int, l2: float, dtype: str | None
         units, activation=activation, kernel_regularizer=reg, name=name,
         dtype=layer_dtype)
 
+  def drop(name):
+    # Only when used: an unused layer would still take a seed from Keras'
+    # global generator and change the initialization of the layers after it.
+    return [ReplicaDropout(dropout, dtype=dtype, name=name)] if dropout else []
+
   return [
       conv(32, "conv1"),
       tf.keras.layers.MaxPooling2D((2, 2), name="pool1", dtype=dtype),
@@ -59,7 +68,9 @@ def _layer_stack(num_classes: int, l2: float, dtype: str | None
       # The seed omits this; without it the Dense layers would act on every
       # position of the 4x4x64 map instead of on one feature vector.
       tf.keras.layers.Flatten(name="flatten", dtype=dtype),
+      *drop("dropout1"),
       dense(64, "relu", "dense1"),
+      *drop("dropout2"),
       # Logits: softmax lives in the loss (from_logits=True), which is
       # numerically safer and what mixed precision needs.
       dense(num_classes, None, "logits", logits_dtype),
@@ -73,20 +84,24 @@ class ConvNet(tf.keras.Model):
   """
 
   def __init__(self, *, num_classes: int = NUM_CLASSES, l2: float = 0.0,
-               dtype: str | None = None, name: str = "convnet"):
+               dropout: float = 0.0, dtype: str | None = None,
+               name: str = "convnet"):
     """Creates the layers.
 
     Args:
       num_classes: Number of output logits; must be >= 2.
       l2: Kernel L2 regularization factor for every conv and dense layer; 0
         disables it. The penalties appear in ``model.losses``.
+      dropout: Dropout rate before each dense layer (0: no dropout layers);
+        each replica draws its own masks (``layers.ReplicaDropout``).
       dtype: Keras dtype policy of the layers, e.g. ``mixed_float16`` (the
         logits layer stays float32 under a mixed policy); None: the global
         policy.
       name: Keras model name.
 
     Raises:
-      ValueError: if ``num_classes`` < 2 or ``l2`` < 0.
+      ValueError: if ``num_classes`` < 2, ``l2`` < 0 or ``dropout`` is
+        outside [0, 1).
     """
     if num_classes < 2:
       raise ValueError(f"num_classes must be >= 2, got {num_classes}")
@@ -94,7 +109,7 @@ class ConvNet(tf.keras.Model):
       raise ValueError(f"l2 must be >= 0, got {l2}")
     super().__init__(name=name, dtype=dtype)
     self.num_classes = num_classes
-    layers = _layer_stack(num_classes, l2, dtype)
+    layers = _layer_stack(num_classes, l2, dtype, dropout)
     # One attribute per layer (not a list): TensorFlow's checkpoint graph
     # follows attributes, so the weights save under model/conv1/... and a
     # model can be restored on its own, without its optimizer.
@@ -115,13 +130,14 @@ class ConvNet(tf.keras.Model):
 
 
 def build_sequential(*, num_classes: int = NUM_CLASSES, l2: float = 0.0,
-                     input_shape=IMAGE_SHAPE, dtype: str | None = None
-                     ) -> tf.keras.Sequential:
+                     dropout: float = 0.0, input_shape=IMAGE_SHAPE,
+                     dtype: str | None = None) -> tf.keras.Sequential:
   """Builds the seed's ``Sequential`` form of ``ConvNet`` (for ``model.fit``).
 
   Args:
     num_classes: Number of output logits.
     l2: Kernel L2 regularization factor, as in ``ConvNet``.
+    dropout: Dropout rate, as in ``ConvNet``.
     input_shape: Shape of one image.
     dtype: Keras dtype policy, as in ``ConvNet``.
 
@@ -131,7 +147,7 @@ def build_sequential(*, num_classes: int = NUM_CLASSES, l2: float = 0.0,
   """
   model = tf.keras.Sequential(
       [tf.keras.Input(shape=input_shape)] + _layer_stack(num_classes, l2,
-                                                         dtype),
+                                                         dtype, dropout),
       name="seed_sequential")
   return model
 
@@ -179,26 +195,38 @@ def inference_logits(model: tf.keras.Model, images, *,
 
 
 def copy_weights(source: tf.keras.Model, target: tf.keras.Model) -> None:
-  """Copies every weight of ``source`` into ``target`` (either form).
+  """Copies every weight of ``source`` into ``target`` (either form), and the
+  random state of its dropout layers, so both draw the same masks next.
 
   Args:
-    source: A built ``ConvNet`` or seed ``Sequential``.
+    source: A built registered model or its ``Sequential`` twin.
     target: A built model of the other (or the same) form.
 
   Raises:
-    ValueError: if the two models' weights differ in count or shape.
+    ValueError: if the two models' weights or dropout layers differ in
+      count or shape.
   """
-  src, dst = source.weights, target.weights
+  src = source.weights + list(rng_states(source).values())
+  dst = target.weights + list(rng_states(target).values())
   if len(src) != len(dst):
     raise ValueError(
-        f"cannot copy weights: source has {len(src)} weights, target has "
-        f"{len(dst)}")
+        f"cannot copy weights: source has {len(src)} weights and random "
+        f"states, target has {len(dst)}")
   for s, d in zip(src, dst):
     if tuple(s.shape) != tuple(d.shape):
       raise ValueError(
           f"cannot copy weights: {s.path} has shape {tuple(s.shape)} but "
           f"{d.path} has shape {tuple(d.shape)}")
     d.assign(s)
+
+
+def resolve_sync_batch_norm(config: ModelConfig, num_replicas: int) -> bool:
+  """Whether batch norm all-reduces its statistics: ``config``'s choice, or
+  by default exactly when there is more than one replica (on one device
+  the global batch is the local one)."""
+  if config.sync_batch_norm is None:
+    return num_replicas > 1
+  return config.sync_batch_norm
 
 
 # ---------------------------------------------------------------------------
@@ -263,13 +291,26 @@ def create(config: ModelConfig, *, num_classes: int,
 
 def _convnet(config: ModelConfig, *, num_classes: int, image_shape, dtype):
   del image_shape  # Any size works; the dense layer sizes itself.
-  return ConvNet(num_classes=num_classes, l2=config.l2, dtype=dtype)
+  return ConvNet(num_classes=num_classes, l2=config.l2,
+                 dropout=config.dropout, dtype=dtype)
 
 
 def _convnet_sequential(config: ModelConfig, *, num_classes: int, image_shape,
                         dtype):
   return build_sequential(num_classes=num_classes, l2=config.l2,
-                          input_shape=image_shape, dtype=dtype)
+                          dropout=config.dropout, input_shape=image_shape,
+                          dtype=dtype)
+
+
+def _resnet(config: ModelConfig, *, num_classes: int, image_shape, dtype):
+  del image_shape  # Any size works: global average pooling.
+  # Created under the run's strategy scope: its replica count decides.
+  replicas = tf.distribute.get_strategy().num_replicas_in_sync
+  return resnet.ResNet(
+      config.resnet_depth, num_classes=num_classes, l2=config.l2,
+      dropout=config.dropout,
+      sync_batch_norm=resolve_sync_batch_norm(config, replicas), dtype=dtype)
 
 
 register_model("convnet", _convnet, sequential=_convnet_sequential)
+register_model("resnet", _resnet)

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import tensorflow as tf
 
+from research import layers
 from research import model as model_lib
 from research import optim
 from research import steps as steps_lib
@@ -160,6 +161,12 @@ def build_training(*, strategy: tf.distribute.Strategy,
   checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
                                    global_step=global_step,
                                    skipped_steps=skipped_steps)
+  rng = layers.rng_states(model)
+  if rng:
+    # Keras keeps dropout's random state out of the model's weights, so
+    # tf.train.Checkpoint(model=...) would not save it and a resumed run
+    # would replay the first masks.
+    checkpoint.rng = rng
   averages = optim.averaged_weights(optimizer)
   if averages is not None:
     # The optimizer's averages again, under a name of their own (saved

@@ -73,6 +73,32 @@ def define_data_flags(fv: flags.FlagValues, *, default_dataset: str,
                        flag_values=fv)
 
 
+def define_model_flags(fv: flags.FlagValues, *, l2_help: str) -> None:
+  """Defines the model's flags on ``fv``: --model, --l2, --dropout,
+  --resnet_depth and --[no]sync_batch_norm (``config.ModelConfig``)."""
+  flags.DEFINE_string("model", "convnet",
+                      "A registered model (built in: convnet, resnet).",
+                      flag_values=fv)
+  flags.DEFINE_float("l2", 0.0, l2_help, lower_bound=0.0, flag_values=fv)
+  flags.DEFINE_float("dropout", 0.0,
+                     "Dropout rate (convnet: before each dense layer; "
+                     "resnet: before the classifier); each replica draws "
+                     "its own masks. 0: none.", lower_bound=0.0,
+                     upper_bound=0.99, flag_values=fv)
+  flags.DEFINE_integer("resnet_depth", 20,
+                       "resnet: 6n+2 layers (20, 32, 44, 56, 110; 8 and 14 "
+                       "build too).", lower_bound=8, flag_values=fv)
+  flags.register_validator(
+      "resnet_depth", lambda depth: (depth - 2) % 6 == 0,
+      message="--resnet_depth must be 6n+2 (20, 32, 44, 56, 110, ...)",
+      flag_values=fv)
+  flags.DEFINE_bool("sync_batch_norm", None,
+                    "Batch-norm statistics over the global batch, all-reduced "
+                    "over the replicas (--nosync_batch_norm: each replica's "
+                    "own share). Default: on with more than one replica.",
+                    flag_values=fv)
+
+
 def _nearest_existing(path: str) -> str:
   path = os.path.abspath(path)
   while not os.path.exists(path):

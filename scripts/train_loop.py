@@ -39,9 +39,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_string("run_name", None,
                       "Run name for the default model_dir (default: "
                       "<dataset>-<date>-<time>).", flag_values=fv)
-  flags.DEFINE_string("model", "convnet",
-                      "A registered model (built in: convnet).",
-                      flag_values=fv)
+  cli.define_model_flags(fv, l2_help="Kernel L2 regularization factor.")
   flags.DEFINE_integer("epochs", 10, "Training epochs.", flag_values=fv)
   flags.DEFINE_integer("batch_size", 32,
                        "Global batch size (over all replicas).",
@@ -104,8 +102,6 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_bool("export", True,
                     "Write a serving SavedModel to <model_dir>/export at the "
                     "end.", flag_values=fv)
-  flags.DEFINE_float("l2", 0.0, "Kernel L2 regularization factor.",
-                     lower_bound=0.0, flag_values=fv)
   flags.DEFINE_bool("flip_average", False,
                     "Test-time augmentation: evaluate and export the mean of "
                     "the logits of each image and its left-right mirror.",

@@ -45,12 +45,10 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                        "the loop then uses the same strategy unless "
                        "--replicas says otherwise.", lower_bound=1,
                        flag_values=fv)
-  flags.DEFINE_string("model", "convnet",
-                      "A registered model; fit trains its Sequential twin "
-                      "(or a second instance) from the same weights.",
-                      flag_values=fv)
-  flags.DEFINE_float("l2", 0.0, "Kernel L2 regularization on both models.",
-                     lower_bound=0.0, flag_values=fv)
+  # fit trains the model's Sequential twin (or a second instance) from the
+  # same weights.
+  cli.define_model_flags(fv, l2_help="Kernel L2 regularization on both "
+                         "models.")
   flags.DEFINE_bool("keep_short_batch", False,
                     "Keep each epoch's last short batch.", flag_values=fv)
   flags.DEFINE_integer("steps_per_loop", 50,

@@ -102,8 +102,9 @@ def test_a_registered_model_and_source_train_resume_and_export(tmp_path,
 
   # The run's files name the model; the export serves it.
   with open(tmp_path / "whole" / "config.json") as f:
-    assert json.load(f)["model"] == {"name": "tiny_mlp", "l2": 0.0,
-                                     "flip_average": False}
+    assert json.load(f)["model"] == {
+        "name": "tiny_mlp", "l2": 0.0, "dropout": 0.0, "resnet_depth": 20,
+        "sync_batch_norm": None, "flip_average": False}
   loaded = tf.saved_model.load(str(tmp_path / "whole" / "export"))
   probabilities = loaded.signatures["serving_default"](
       images=tf.constant(data.test_images))["probabilities"].numpy()
@@ -115,7 +116,7 @@ def test_a_registered_model_and_source_train_resume_and_export(tmp_path,
 
 def test_unknown_names_list_the_registered_ones(registered):
   with pytest.raises(UserError, match=r"unknown --model='vgg'; choose one of "
-                     r"convnet, tiny_mlp"):
+                     r"convnet, resnet, tiny_mlp"):
     model_lib.create(config_lib.ModelConfig(name="vgg"), num_classes=2,
                      image_shape=(8, 8, 3))
   with pytest.raises(UserError, match=r"unknown --dataset='mnist'; choose one "
