@@ -28,30 +28,33 @@ from research.training import build_training
 def training_flops_per_example(model: tf.keras.Model, image_shape) -> int:
   """FLOPs (a multiply-add counts 2) to train on one example.
 
-  Forward, plus the weight gradient and the input gradient of every conv and
-  dense layer; the first layer has no input gradient (nothing needs it).
-  Pooling, activations and the optimizer update are not counted.
+  Forward, plus the weight gradient and the input gradient of every
+  convolution and matmul (the ``Conv2D`` and ``MatMul`` ops of the traced
+  inference pass, so any registered model counts the same way); the first
+  of them has no input gradient (nothing needs it). Batch norm, pooling,
+  activations, additions and the optimizer update are not counted.
 
   Args:
-    model: A built ``ConvNet``.
+    model: A built model.
     image_shape: Shape of one image.
 
   Returns:
     The count.
   """
-  x = tf.zeros((1,) + tuple(image_shape))
+  graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(
+      tf.TensorSpec((1,) + tuple(image_shape), tf.float32)).graph
   total, first = 0, True
-  for layer in model.stack:
-    y = layer(x)
-    forward = 0
-    if isinstance(layer, tf.keras.layers.Conv2D):
-      forward = 2 * int(np.prod(y.shape[1:3])) * int(np.prod(layer.kernel.shape))
-    elif isinstance(layer, tf.keras.layers.Dense):
-      forward = 2 * int(np.prod(layer.kernel.shape))
-    if forward:
-      total += forward * (2 if first else 3)
-      first = False
-    x = y
+  for op in graph.get_operations():
+    if op.type == "Conv2D":
+      kernel = op.inputs[1].shape
+      forward = 2 * int(np.prod(op.outputs[0].shape[1:3])) * int(
+          np.prod(kernel))
+    elif op.type == "MatMul":
+      forward = 2 * int(np.prod(op.inputs[1].shape))
+    else:
+      continue
+    total += forward * (2 if first else 3)
+    first = False
   return total
 
 
@@ -77,11 +80,12 @@ class LoopContender:
 
   def __init__(self, dataset: tf.data.Dataset, *, global_batch_size: int,
                steps_per_loop: int, jit_compile: bool, seed: int = 0,
-               precision: str = "float32"):
+               precision: str = "float32",
+               model_config: ModelConfig = ModelConfig()):
     self.strategy = tf.distribute.get_strategy()
     tf.keras.utils.set_random_seed(seed)
     _, self.runner = build_training(
-        strategy=self.strategy, model_config=ModelConfig(),
+        strategy=self.strategy, model_config=model_config,
         optimizer_config=OptimizerConfig(),
         step_config=StepConfig(global_batch_size=global_batch_size,
                                jit_compile=jit_compile,
@@ -100,12 +104,16 @@ class LoopContender:
 
 
 class FitContender:
-  """``model.fit`` on the seed's Sequential model."""
+  """``model.fit`` on the model's Sequential twin (the seed's model for the
+  ConvNet) or a second instance (``model.create_fit_twin``)."""
 
   def __init__(self, dataset: tf.data.Dataset, *, steps_per_execution: int,
-               jit_compile, seed: int = 0, precision: str = "float32"):
+               jit_compile, seed: int = 0, precision: str = "float32",
+               model_config: ModelConfig = ModelConfig()):
     tf.keras.utils.set_random_seed(seed)
-    self.model = model_lib.build_sequential(
+    self.model = model_lib.create_fit_twin(
+        model_config, num_classes=model_lib.NUM_CLASSES,
+        image_shape=model_lib.IMAGE_SHAPE,
         dtype=None if precision == "float32" else precision)
     self.model.compile(
         optimizer=optim.make_optimizer(0.001, precision),

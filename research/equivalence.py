@@ -30,6 +30,8 @@ from research import steps as steps_lib
 from research.config import ModelConfig
 from research.config import OptimizerConfig
 from research.config import StepConfig
+from research.errors import UserError
+from research.layers import rng_states
 from research.options import FAULTS
 from research.options import PRECISIONS
 from research.training import build_training
@@ -143,7 +145,10 @@ class Report:
   first_failing_step: int | None
   max_weight_diff: float
   worst_weight: str
-  fit_loss_recovery_error: float
+  fit_loss_recovery_error: float | None
+  # Variables compared: {"trainable": n, "non_trainable": n (batch norm's
+  # moving statistics), "random_states": n (dropout's)}.
+  compared: dict
   noise_floor_loss: float | None
   noise_floor_weight: float | None
   dtype: str
@@ -259,7 +264,8 @@ def _run_loop(config, data, strategy, initial_weights, train_dataset,
       runner_class=_FaultyStepRunner if faulty else steps_lib.StepRunner,
       runner_args={"fault": config.fault, "fault_step": config.fault_step}
       if faulty else None)
-  for w, value in zip(state.model.weights, initial_weights):
+  for w, value in zip(model_lib.state_variables(state.model),
+                      initial_weights):
     w.assign(value)
   in_pipeline = not distribute.preprocesses_on_device(strategy)
   iterator = iter(strategy.distribute_datasets_from_function(
@@ -282,8 +288,10 @@ def _run_fit(config, data, strategy, initial_weights, train_dataset,
   """Trains with ``model.fit``; returns (losses, model, eval result,
   recovery error of the per-batch loss)."""
   with strategy.scope():
-    seq = _fit_model(config.model, data)
-    for w, value in zip(seq.weights, initial_weights):
+    seq = model_lib.create_fit_twin(config.model,
+                                    num_classes=data.num_classes,
+                                    image_shape=data.image_shape)
+    for w, value in zip(model_lib.state_variables(seq), initial_weights):
       w.assign(value)
     if perturb:  # One ulp on one weight: the smallest possible difference.
       first = seq.weights[0].numpy()
@@ -295,11 +303,19 @@ def _run_fit(config, data, strategy, initial_weights, train_dataset,
         loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"], jit_compile=config.jit_compile,
         steps_per_execution=1)
-  first_x, first_y = next(iter(train_dataset()))
-  direct_first_loss = float(
-      tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(
-          first_y, seq(first_x), from_logits=True))
-      + (tf.add_n(seq.losses) if seq.losses else 0.0))
+  direct_first_loss = None
+  if strategy.num_replicas_in_sync == 1 or not _depends_on_replicas(seq):
+    # fit's first step, computed here from the same state: in training mode
+    # (batch statistics, the same dropout masks), then the state put back.
+    first_x, first_y = next(iter(train_dataset()))
+    state = model_lib.state_variables(seq)
+    before = [v.numpy() for v in state]
+    direct_first_loss = float(
+        tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(
+            first_y, seq(first_x, training=True), from_logits=True))
+        + (tf.add_n(seq.losses) if seq.losses else 0.0))
+    for v, value in zip(state, before):
+      v.assign(value)
   recorder = _PerBatchLoss()
   seq.fit(train_dataset(), epochs=1, steps_per_epoch=steps, verbose=0,
           callbacks=[recorder], shuffle=False)
@@ -310,24 +326,31 @@ def _run_fit(config, data, strategy, initial_weights, train_dataset,
                 "accuracy": float(evaluated["accuracy"]),
                 "correct": int(round(float(evaluated["accuracy"]) * num_test)),
                 "count": num_test}
-  recovery_error = abs(recorder.losses[0] - direct_first_loss)
+  recovery_error = (None if direct_first_loss is None else
+                    abs(recorder.losses[0] - direct_first_loss))
   return recorder.losses, seq, evaluation, recovery_error
 
 
-def _fit_model(config: ModelConfig, data) -> tf.keras.Model:
-  """The model ``fit`` trains: the registered Sequential twin, or else a
-  second instance of the registered model itself."""
-  entry = model_lib.MODELS.get(config.name)
-  if entry.sequential is None:
-    return model_lib.create(config, num_classes=data.num_classes,
-                            image_shape=data.image_shape)
-  return entry.sequential(config, num_classes=data.num_classes,
-                          image_shape=data.image_shape, dtype=None)
-
-
 def _max_weight_diff(a: tf.keras.Model, b: tf.keras.Model) -> tuple[float, str]:
+  # Every trainable and non-trainable weight (batch norm's moving
+  # statistics), and the dropout layers' random states.
   return max((float(np.max(np.abs(x.numpy() - y.numpy()))), y.path)
-             for x, y in zip(a.weights, b.weights))
+             for x, y in zip(model_lib.state_variables(a),
+                             model_lib.state_variables(b)))
+
+
+def _batch_norms_per_replica(model: tf.keras.Model) -> bool:
+  """Whether the model has batch norm that is not synchronized."""
+  return any(isinstance(layer, tf.keras.layers.BatchNormalization) and
+             not layer.synchronized
+             for layer in model._flatten_layers(include_self=False))
+
+
+def _depends_on_replicas(model: tf.keras.Model) -> bool:
+  """Whether a training step's math depends on how the batch is split over
+  replicas: dropout (each replica its own masks) or batch norm on each
+  replica's share."""
+  return bool(rng_states(model)) or _batch_norms_per_replica(model)
 
 
 def run(config: EquivalenceConfig, data: data_lib.ArrayData,
@@ -349,8 +372,30 @@ def run(config: EquivalenceConfig, data: data_lib.ArrayData,
     ValueError: if there are too few devices, or the batch does not divide
       over the replicas.
   """
-  with _keras_dtype(config.dtype):
+  with _keras_dtype(config.dtype), _no_arithmetic_rewrites():
     return _run(config, data, devices)
+
+
+@contextlib.contextmanager
+def _no_arithmetic_rewrites():
+  """Within the block, functions are traced without Grappler's arithmetic
+  optimizer.
+
+  It rewrites each graph on its own, e.g. into other trees of additions for
+  the gradients that meet at a ResNet's shortcuts, so ``fit``'s graph and
+  the loop's round differently from the first rewritten sum on; the
+  comparison is of the math both sides ask for (as with oneDNN's rewrites,
+  which the verifier turns off too).
+  """
+  previous = tf.config.optimizer.get_experimental_options().get(
+      "arithmetic_optimization", True)
+  tf.config.optimizer.set_experimental_options(
+      {"arithmetic_optimization": False})
+  try:
+    yield
+  finally:
+    tf.config.optimizer.set_experimental_options(
+        {"arithmetic_optimization": previous})
 
 
 def _run(config: EquivalenceConfig, data: data_lib.ArrayData,
@@ -362,6 +407,19 @@ def _run(config: EquivalenceConfig, data: data_lib.ArrayData,
     if config.global_batch_size % r:
       raise ValueError(f"global_batch_size {config.global_batch_size} does "
                        f"not divide over {r} replicas")
+  if config.model.dropout and config.replicas != config.fit_replicas:
+    raise UserError(
+        f"--dropout cannot be compared across a change of replica count "
+        f"(loop {config.replicas}, fit {config.fit_replicas}): each replica "
+        f"draws its masks from the shared seed with its replica id folded "
+        f"in, so another replica count drops other units and no step can "
+        f"agree. Compare dropout under the same strategy (--fit_replicas="
+        f"{config.replicas}, or both on one device); across replica counts "
+        f"compare --dropout=0")
+  # Both sides with the batch norm the loop's replica count resolves to.
+  config = dataclasses.replace(config, model=dataclasses.replace(
+      config.model, sync_batch_norm=model_lib.resolve_sync_batch_norm(
+          config.model, config.replicas)))
   drop = not config.keep_short_batch
   epoch_steps = data_lib.steps_per_epoch(len(data.train_labels),
                                          config.global_batch_size, drop)
@@ -384,9 +442,9 @@ def _run(config: EquivalenceConfig, data: data_lib.ArrayData,
         preprocess_in_pipeline=preprocess_in_pipeline)
 
   tf.keras.utils.set_random_seed(config.seed)
-  initial_weights = [w.numpy() for w in model_lib.create(
-      config.model, num_classes=data.num_classes,
-      image_shape=data.image_shape).weights]
+  initial_weights = [w.numpy() for w in model_lib.state_variables(
+      model_lib.create(config.model, num_classes=data.num_classes,
+                       image_shape=data.image_shape))]
   datasets = (train_dataset, eval_dataset, steps)
   loop_losses, net, loop_eval = _run_loop(
       config, data, _strategy(devices[:config.replicas]), initial_weights,
@@ -423,7 +481,7 @@ def _run(config: EquivalenceConfig, data: data_lib.ArrayData,
   if max_weight_diff > tolerance.weight:
     failures.append(f"weights: max |difference| {max_weight_diff:.3g} in "
                     f"{worst_weight} > {tolerance.weight:g}")
-  if recovery_error > 1e-6:
+  if recovery_error is not None and recovery_error > 1e-6:
     failures.append(f"fit's per-batch loss recovery is off by "
                     f"{recovery_error:.3g}")
   if loop_eval["correct"] != fit_eval["correct"] or (
@@ -435,13 +493,24 @@ def _run(config: EquivalenceConfig, data: data_lib.ArrayData,
     failures.append(f"eval loss: loop {loop_eval['loss']:.8f} vs "
                     f"model.evaluate {fit_eval['loss']:.8f}")
 
+  if failures and mode == "loop_replicas_vs_fit_one_device" and (
+      _batch_norms_per_replica(net)):
+    failures.append(
+        "expected: with --nosync_batch_norm each of the loop's replicas "
+        "normalizes by the statistics of its own share of the batch, fit on "
+        "one device by those of the whole batch, so they compute different "
+        "functions; --sync_batch_norm makes them equal")
   return Report(
       mode=mode, tolerance=tolerance, steps=steps, fit_losses=fit_losses,
       loop_losses=loop_losses, max_loss_diff=float(diffs.max()),
       worst_step=int(np.argmax(diffs)),
       first_failing_step=int(over[0]) if len(over) else None,
       max_weight_diff=max_weight_diff, worst_weight=worst_weight,
-      fit_loss_recovery_error=recovery_error, noise_floor_loss=noise_loss,
+      fit_loss_recovery_error=recovery_error,
+      compared={"trainable": len(net.trainable_weights),
+                "non_trainable": len(net.non_trainable_weights),
+                "random_states": len(rng_states(net))},
+      noise_floor_loss=noise_loss,
       noise_floor_weight=noise_weight, dtype=config.dtype, fit_eval=fit_eval,
       loop_eval=loop_eval, passed=not failures, failures=failures)
 
@@ -463,8 +532,14 @@ def format_report(report: Report, *, first: int = 5, worst: int = 5) -> str:
       f"max |loss diff|:   {report.max_loss_diff:.3g} at step "
       f"{report.worst_step} (tolerance {t.loss:g})",
       f"max |weight diff|: {report.max_weight_diff:.3g} in "
-      f"{report.worst_weight} (tolerance {t.weight:g})",
-      f"fit per-batch loss recovery error: {report.fit_loss_recovery_error:.3g}",
+      f"{report.worst_weight} (tolerance {t.weight:g}; over "
+      f"{report.compared['trainable']} trainable and "
+      f"{report.compared['non_trainable']} non-trainable variables and "
+      f"{report.compared['random_states']} random states)",
+      "fit per-batch loss recovery error: " + (
+          "n/a (fit's replicas draw their own dropout masks or batch "
+          "statistics)" if report.fit_loss_recovery_error is None else
+          f"{report.fit_loss_recovery_error:.3g}"),
   ]
   if report.noise_floor_weight is not None:
     lines.append(

@@ -194,6 +194,20 @@ def inference_logits(model: tf.keras.Model, images, *,
   return (plain + mirrored) / 2
 
 
+def state_variables(model: tf.keras.Model) -> list[tf.Variable]:
+  """Everything that decides what ``model`` computes next: its weights
+  (trainable, then batch norm's moving statistics) and its dropout layers'
+  random states (which Keras keeps out of ``weights``)."""
+  return model.weights + list(rng_states(model).values())
+
+
+def synchronized_batch_norms(model: tf.keras.Model) -> list:
+  """The model's batch-norm layers that all-reduce their statistics."""
+  return [layer for layer in model._flatten_layers(include_self=False)
+          if isinstance(layer, tf.keras.layers.BatchNormalization) and
+          layer.synchronized]
+
+
 def copy_weights(source: tf.keras.Model, target: tf.keras.Model) -> None:
   """Copies every weight of ``source`` into ``target`` (either form), and the
   random state of its dropout layers, so both draw the same masks next.
@@ -206,8 +220,7 @@ def copy_weights(source: tf.keras.Model, target: tf.keras.Model) -> None:
     ValueError: if the two models' weights or dropout layers differ in
       count or shape.
   """
-  src = source.weights + list(rng_states(source).values())
-  dst = target.weights + list(rng_states(target).values())
+  src, dst = state_variables(source), state_variables(target)
   if len(src) != len(dst):
     raise ValueError(
         f"cannot copy weights: source has {len(src)} weights and random "
@@ -287,6 +300,20 @@ def create(config: ModelConfig, *, num_classes: int,
   return build(entry.create(config, num_classes=num_classes,
                             image_shape=tuple(image_shape), dtype=dtype),
                image_shape)
+
+
+def create_fit_twin(config: ModelConfig, *, num_classes: int,
+                    image_shape: Sequence[int], dtype: str | None = None
+                    ) -> tf.keras.Model:
+  """The model ``model.fit`` trains in comparisons with the loop: the
+  registered ``Sequential`` twin (built), or else a second instance of the
+  registered model itself. Arguments as for ``create``."""
+  entry = MODELS.get(config.name)
+  if entry.sequential is None:
+    return create(config, num_classes=num_classes, image_shape=image_shape,
+                  dtype=dtype)
+  return entry.sequential(config, num_classes=num_classes,
+                          image_shape=tuple(image_shape), dtype=dtype)
 
 
 def _convnet(config: ModelConfig, *, num_classes: int, image_shape, dtype):

@@ -120,10 +120,16 @@ class ResNet(tf.keras.Model):
     kwargs = dict(regularizer=regularizer, synchronized=sync_batch_norm,
                   dtype=dtype)
     self.stem = _ConvBN(STAGE_FILTERS[0], 1, name="stem", **kwargs)
-    self.blocks = [
+    blocks = [
         BasicBlock(filters, 2 if stage and not i else 1,
                    name=f"stage{stage + 1}_block{i + 1}", **kwargs)
         for stage, filters in enumerate(STAGE_FILTERS) for i in range(n)]
+    # One attribute per block, not a list: TensorFlow's checkpoint graph
+    # follows attributes only, and would save none of a list's variables
+    # (model/stage1_block1/first/conv/kernel, ...).
+    for block in blocks:
+      setattr(self, block.name, block)
+    self._block_names = tuple(block.name for block in blocks)
     self.pool = tf.keras.layers.GlobalAveragePooling2D(dtype=dtype,
                                                        name="pool")
     # Only when used: an unused layer would still take a seed from Keras'
@@ -135,6 +141,11 @@ class ResNet(tf.keras.Model):
         num_classes, kernel_regularizer=regularizer,
         dtype="float32" if policy.startswith("mixed") else dtype,
         name="logits")
+
+  @property
+  def blocks(self) -> list[BasicBlock]:
+    """The residual blocks, input to output."""
+    return [getattr(self, name) for name in self._block_names]
 
   def call(self, images, training=False):
     x = tf.nn.relu(self.stem(images, training=training))

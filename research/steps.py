@@ -115,6 +115,9 @@ class StepRunner:
     # The logits' width: the last trainable variable is the output bias.
     self.num_classes = int(getattr(model, "num_classes", 0) or
                            model.trainable_variables[-1].shape[-1])
+    # What a training-mode forward pass updates besides the RNG: batch
+    # norm's moving statistics (the model's non-trainable weights).
+    self._forward_statistics = list(model.non_trainable_weights)
     self._loss_scaling = isinstance(optimizer,
                                     tf.keras.optimizers.LossScaleOptimizer)
     # Losses are computed in float32 at least: float16/bfloat16 logits (mixed
@@ -196,6 +199,10 @@ class StepRunner:
     return loss, gradients, _num_correct(logits, labels)
 
   def _replica_forward_backward(self, images, labels, *augmentation):
+    # The training-mode forward pass moves batch norm's statistics before
+    # anyone knows whether the step will be applied: keep the old values to
+    # put back if it is not (a non-finite batch would poison them).
+    previous_statistics = [tf.identity(v) for v in self._forward_statistics]
     loss, gradients, correct = self._replica_gradients(
         images, labels, self._step_batch_size(labels), augmentation)
     # One all-reduce for everything the step sums over replicas (exact for
@@ -214,7 +221,11 @@ class StepRunner:
     if self.clip_grad_norm:
       gradients, _ = tf.clip_by_global_norm(gradients, self.clip_grad_norm,
                                             use_norm=norm)
-    return totals, gradients, norm
+    return totals, gradients, norm, previous_statistics
+
+  def _replica_restore_statistics(self, previous_statistics):
+    for variable, value in zip(self._forward_statistics, previous_statistics):
+      variable.assign(value)
 
   def _replica_eval_step(self, images, labels, weights):
     # weights: 1 for a real example, 0 for the padding of the last batch
@@ -261,7 +272,7 @@ class StepRunner:
       ``step_learning_rates`` ``[num_steps]`` float32 (the rate of each
       step's update), ``correct`` and ``count`` int64 (over the steps'
       examples, before each update), ``skipped`` int32 (steps whose update
-      was not applied because the loss or a gradient was not finite),
+      was not applied, nor their batch-norm statistics kept, because the loss or a gradient was not finite),
       ``nonfinite_step`` int32 (index in this call of the first such step,
       -1 if none), and with ``keep_last_gradients`` ``last_gradients`` (the
       last applied step's gradient per trainable variable, after clipping;
@@ -282,7 +293,7 @@ class StepRunner:
     for i in tf.range(num_steps):
       if self.nan_policy == "stop" and nonfinite_step >= 0:
         break
-      totals, gradients, norm = self.strategy.run(
+      totals, gradients, norm, previous_statistics = self.strategy.run(
           self._replica_forward_backward, args=next(iterator))
       # Every replica holds the same all-reduced values: take the first.
       totals = self.strategy.experimental_local_results(totals)[0]
@@ -312,6 +323,9 @@ class StepRunner:
           last_gradients = [self.strategy.experimental_local_results(g)[0]
                             for g in gradients]
       else:
+        if self._forward_statistics:
+          self.strategy.run(self._replica_restore_statistics,
+                            args=(previous_statistics,))
         skipped += 1
         if nonfinite_step < 0:
           nonfinite_step = i

@@ -21,6 +21,7 @@ from research import steps as steps_lib
 from research.config import ModelConfig
 from research.config import OptimizerConfig
 from research.config import StepConfig
+from research.errors import UserError
 
 
 @dataclasses.dataclass
@@ -118,7 +119,8 @@ def build_training(*, strategy: tf.distribute.Strategy,
     and the step functions.
 
   Raises:
-    UserError: for an unregistered model.
+    UserError: for an unregistered model, or XLA with batch norm
+      synchronized over several replicas.
     ValueError: for a schedule that does not fit ``total_steps``, or a batch
       that does not divide over the replicas.
   """
@@ -127,6 +129,13 @@ def build_training(*, strategy: tf.distribute.Strategy,
     model = model_lib.create(
         model_config, num_classes=num_classes, image_shape=image_shape,
         dtype=None if precision == "float32" else precision)
+    if (step_config.jit_compile and strategy.num_replicas_in_sync > 1 and
+        model_lib.synchronized_batch_norms(model)):
+      raise UserError(
+          "--jit_compile with batch norm synchronized over several "
+          "replicas is not supported here: the statistics' all-reduce "
+          "would sit inside the compiled forward pass; pass "
+          "--jit_compile=false, or --nosync_batch_norm")
     learning_rate = optim.make_schedule(
         optimizer_config.lr_schedule,
         base_learning_rate=optimizer_config.learning_rate,

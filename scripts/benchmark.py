@@ -18,6 +18,7 @@ markdown table; --json_out keeps every window.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import statistics
@@ -41,6 +42,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   """Defines this script's flags on ``fv``."""
   cli.define_data_flags(fv, default_dataset="synthetic",
                         synthetic_train_size=50000, synthetic_test_size=16)
+  cli.define_model_flags(fv, l2_help="Kernel L2 regularization factor.")
   flags.DEFINE_list("batch_sizes", ["32", "256", "1024"],
                     "Global batch sizes timed without XLA.", flag_values=fv)
   flags.DEFINE_list("xla_batch_sizes", ["32", "256"],
@@ -89,12 +91,15 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
                  for b in fv.batch_sizes] +
                 [(int(b), True, p) for p in fv.precisions
                  for b in fv.xla_batch_sizes])
-    data = data_lib.load(
-        config_lib.part_from_flat("data", fv.flag_values_dict()), seed=0)
+    flat = fv.flag_values_dict()
+    data = data_lib.load(config_lib.part_from_flat("data", flat), seed=0)
+    model_config = config_lib.part_from_flat("model", flat)
+    flops = benchmarking.training_flops_per_example(
+        model_lib.create(model_config, num_classes=model_lib.NUM_CLASSES,
+                         image_shape=model_lib.IMAGE_SHAPE),
+        model_lib.IMAGE_SHAPE)
   except (UserError, ValueError) as e:
     cli.exit_with_error(str(e))
-  flops = benchmarking.training_flops_per_example(
-      model_lib.build(model_lib.ConvNet()), (32, 32, 3))
   # Each precision's ceiling: the matmul in the dtype its layers compute in.
   ceilings = {p: benchmarking.matmul_gflops(
       fv.matmul_size, dtype=tf.bfloat16 if p == "mixed_bfloat16" else
@@ -103,8 +108,10 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
   cpu = _cpu_model()
   print(f"machine: {cpu}, {os.cpu_count()} cores; TensorFlow "
         f"{tf.__version__}, Keras {tf.keras.__version__}", flush=True)
-  print(f"data: {fv.dataset} ({len(data.train_labels)} training examples)"
-        f"; {flops / 1e6:.2f} MFLOP per training example; "
+  model_name = model_config.name + (
+      str(model_config.resnet_depth) if model_config.name == "resnet" else "")
+  print(f"model: {model_name}; data: {fv.dataset} ({len(data.train_labels)} "
+        f"training examples); {flops / 1e6:.2f} MFLOP per training example; "
         f"{fv.matmul_size}^2 matmul " + ", ".join(
             f"{p} {c:.0f}" for p, c in ceilings.items()) + " GFLOP/s",
         flush=True)
@@ -119,18 +126,20 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
     contenders = {
         "loop": benchmarking.LoopContender(
             real, global_batch_size=batch, steps_per_loop=steps_per_call,
-            jit_compile=jit, precision=precision).run,
+            jit_compile=jit, precision=precision,
+            model_config=model_config).run,
         "loop_synthetic": benchmarking.LoopContender(
             benchmarking.synthetic_in_memory(batch), global_batch_size=batch,
             steps_per_loop=steps_per_call, jit_compile=jit,
-            precision=precision).run,
+            precision=precision, model_config=model_config).run,
         "fit_default": benchmarking.FitContender(
             benchmarking.real_pipeline(data, batch), steps_per_execution=1,
-            jit_compile="auto", precision=precision).run,
+            jit_compile="auto", precision=precision,
+            model_config=model_config).run,
         "fit_matched": benchmarking.FitContender(
             benchmarking.real_pipeline(data, batch),
             steps_per_execution=steps_per_call, jit_compile=jit,
-            precision=precision).run,
+            precision=precision, model_config=model_config).run,
     }
     seconds = benchmarking.time_alternating(
         contenders, steps=window_steps, windows=fv.windows)
@@ -156,7 +165,8 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
         "machine": {"cpu": cpu, "cores": os.cpu_count(),
                     "tensorflow": tf.__version__,
                     "keras": tf.keras.__version__},
-        "dataset": fv.dataset, "flops_per_example": flops,
+        "model": dataclasses.asdict(model_config), "dataset": fv.dataset,
+        "flops_per_example": flops,
         "matmul_gflops": ceilings, "results": results, "table": table})
 
 

@@ -34,7 +34,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "scripts")
 sys.path.insert(0, REPO)
 sys.path.insert(0, SCRIPTS)
-IN_PROCESS_CPU_REPLICAS = 2
+# tests/equivalence_batch.py asks for more when a case needs them.
+IN_PROCESS_CPU_REPLICAS = int(os.environ.get("RESEARCH_TEST_CPU_REPLICAS", 2))
 tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0],
     [tf.config.LogicalDeviceConfiguration()] * IN_PROCESS_CPU_REPLICAS)

@@ -38,6 +38,11 @@ from research.files import write_json  # noqa: E402
 def main(cases_path, reports_path):
   with open(cases_path) as f:
     cases = json.load(f)
+  # As many logical CPUs as the largest strategy needs (conftest splits
+  # the CPU when test_registries imports it).
+  os.environ["RESEARCH_TEST_CPU_REPLICAS"] = str(max(
+      [2] + [case["config"].get(key, 1) for case in cases.values()
+             if "config" in case for key in ("replicas", "fit_replicas")]))
   import test_registries  # The tiny MLP without a Sequential twin.
   model_lib.register_model("tiny_mlp", test_registries.tiny_mlp)
   devices = [d.name for d in tf.config.list_logical_devices("CPU")]

@@ -26,6 +26,10 @@ DATA_10 = {"num_train": 320, "num_test": 128}
 # 808 examples: 25 full batches and a short one of 8.
 DATA_SHORT = {"num_train": 808, "num_test": 128}
 
+# 320 tiny images: 10 steps of ResNet-8.
+DATA_RESNET = {"num_train": 320, "num_test": 64, "image_shape": [8, 8, 3]}
+RESNET = {"name": "resnet", "resnet_depth": 8}
+
 CASES = {
     # L2 regularization and a kept short batch, in one case (one Keras fit
     # and one loop to build and trace).
@@ -43,6 +47,10 @@ CASES = {
     "mixed_float16_xla": (DATA_10, {"dtype": "mixed_float16",
                                     "jit_compile": True}),
     "tiny_mlp": (DATA, {"model": {"name": "tiny_mlp"}}),
+    # Batch norm (moving statistics) and dropout (random masks): ResNet-8
+    # on 8x8 images, with and without dropout.
+    "resnet": (DATA_RESNET, {"model": RESNET}),
+    "resnet_dropout": (DATA_RESNET, {"model": {**RESNET, "dropout": 0.3}}),
 }
 # The verifier's own command lines.
 SCRIPT_RUNS = {
@@ -110,5 +118,18 @@ def test_sgd_and_a_cosine_schedule_match_fit_bitwise(reports):
 def test_a_registered_model_without_a_sequential_twin_matches_fit(reports):
   """fit trains a second instance of the registered model itself."""
   report = reports["tiny_mlp"]
+  assert_bitwise_equal_to_fit(report)
+  assert_loss_fell(report["loop_losses"])
+
+
+@pytest.mark.parametrize("case", ["resnet", "resnet_dropout"])
+def test_a_resnet_with_batch_norm_and_dropout_is_bitwise_fit(reports, case):
+  """Every loss, weight, moving statistic and dropout random state."""
+  report = reports[case]
+  assert report["mode"] == "one_device" and report["steps"] == 10
+  assert report["compared"] == {
+      "trainable": 23, "non_trainable": 14,
+      "random_states": 1 if case == "resnet_dropout" else 0}
+  assert report["fit_loss_recovery_error"] == 0.0
   assert_bitwise_equal_to_fit(report)
   assert_loss_fell(report["loop_losses"])

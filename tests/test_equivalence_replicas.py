@@ -11,7 +11,8 @@ import pytest
 
 from conftest import (assert_bitwise_equal_to_fit, assert_equivalent,
                       assert_loss_fell, run_equivalence_batch)
-from test_equivalence import DATA, DATA_10, DATA_SHORT, STEPS
+from test_equivalence import (DATA, DATA_10, DATA_RESNET, DATA_SHORT, RESNET,
+                              STEPS)
 
 # A fresh process for the batch of cases.
 pytestmark = pytest.mark.slow
@@ -37,6 +38,17 @@ CASES = {
                                 "dtype": "mixed_float16"}),
     "tiny_mlp": (DATA, {"replicas": 2, "fit_replicas": 2,
                         "model": {"name": "tiny_mlp"}}),
+    # ResNet-8: under one 2-replica strategy with dropout (each replica its
+    # own masks, on both sides), and against one-device fit (float64) with
+    # batch norm synchronized (the default with replicas) on 2 and 4
+    # replicas, and per replica (which must fail).
+    "resnet_same_strategy_dropout": (DATA_RESNET, {
+        "replicas": 2, "fit_replicas": 2,
+        "model": {**RESNET, "dropout": 0.3}}),
+    "resnet_sync_2": (DATA_RESNET, {"replicas": 2, "model": RESNET}),
+    "resnet_sync_4": (DATA_RESNET, {"replicas": 4, "model": RESNET}),
+    "resnet_per_replica_bn": (DATA_RESNET, {
+        "replicas": 2, "model": {**RESNET, "sync_batch_norm": False}}),
 }
 
 
@@ -94,3 +106,35 @@ def test_mixed_float16_on_two_replicas_matches_fit(reports):
   assert report["mode"] == "same_strategy"
   assert report["dtype"] == "mixed_float16" and report["steps"] == 10
   assert_bitwise_equal_to_fit(report)
+
+
+def test_a_resnet_with_dropout_under_one_strategy_is_bitwise_fit(reports):
+  report = reports["resnet_same_strategy_dropout"]
+  assert report["mode"] == "same_strategy"
+  assert report["compared"]["non_trainable"] == 14
+  assert report["compared"]["random_states"] == 1
+  assert_bitwise_equal_to_fit(report)
+
+
+@pytest.mark.parametrize("case", ["resnet_sync_2", "resnet_sync_4"])
+def test_synchronized_batch_norm_on_replicas_matches_one_device_fit(reports,
+                                                                    case):
+  report = reports[case]
+  assert report["mode"] == "loop_replicas_vs_fit_one_device"
+  assert report["dtype"] == "float64"
+  assert report["max_loss_diff"] <= 1e-12  # float64 rounding, nothing more.
+  assert report["max_weight_diff"] <= 1e-10
+  assert report["compared"]["non_trainable"] == 14
+  assert_equivalent(report)
+  assert_loss_fell(report["loop_losses"], by=0.01)
+
+
+def test_per_replica_batch_norm_fails_against_one_device_fit_and_says_why(
+    reports):
+  report = reports["resnet_per_replica_bn"]
+  assert not report["passed"]
+  # From the first step: each replica normalizes by its own half.
+  assert report["first_failing_step"] == 0
+  assert report["max_weight_diff"] > 1e-4
+  assert "each of the loop's replicas normalizes by the statistics of its " \
+      "own share" in report["text"]

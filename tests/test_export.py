@@ -22,11 +22,17 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-  """A short run that exports at its end, and the test images."""
+  """A short run that exports at its end, and the test images.
+
+  A ResNet-8 with dropout: the export must hold batch norm's moving
+  statistics and run it, and dropout, in inference mode (the ConvNet's
+  export: test_serving_loaders.py).
+  """
   model_dir = str(tmp_path_factory.mktemp("run"))
   data = data_lib.make_synthetic(num_train=256, num_test=64, seed=3)
   train_in_process(model_dir, data, epochs=2, global_batch_size=32,
-                   steps_per_loop=8, checkpoint_every_steps=8, seed=3)
+                   steps_per_loop=8, checkpoint_every_steps=8, seed=3,
+                   model="resnet", resnet_depth=8, dropout=0.2)
   return model_dir, data
 
 
@@ -49,6 +55,11 @@ def test_training_exports_a_model_that_loads_without_this_package(
   expected = _in_process_probabilities(model_dir, images)
   np.testing.assert_allclose(out["probabilities"], expected, rtol=1e-5,
                              atol=1e-6)
+  # Batch norm in training mode (or dropout on) would give other numbers.
+  model, _, _ = export_lib.load_model_from_run(model_dir)
+  in_training_mode = tf.nn.softmax(
+      model(data_lib.to_float(images), training=True)).numpy()
+  assert np.abs(in_training_mode - expected).max() > 1e-3
   np.testing.assert_array_equal(out["top_class"], expected.argmax(axis=1))
   assert out["probabilities"].shape == (20, 10)
   assert list(out["class_names"]) == list(data.class_names)

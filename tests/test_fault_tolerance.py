@@ -101,6 +101,39 @@ def test_sigkill_at_three_moments_then_rerun_is_bitwise_identical(
             read_scalars(os.path.join(reference_run, run))["loss"])
 
 
+# A ResNet with dropout: batch norm's moving statistics and dropout's random
+# state must come back from the checkpoint too (the masks go on, not over).
+RESNET = ["--dataset=synthetic", "--synthetic_train_size=256",
+          "--synthetic_test_size=32", "--batch_size=32", "--epochs=2",
+          "--steps_per_loop=4", "--checkpoint_every_steps=8",
+          "--model=resnet", "--resnet_depth=8", "--dropout=0.3",
+          "--deterministic", "--eval_images=0", "--noexport", "--seed=5"]
+
+
+@pytest.mark.slow
+def test_a_resnet_with_dropout_killed_mid_epoch_resumes_bitwise(tmp_path):
+  reference = str(tmp_path / "reference")
+  assert run_in_process("train_loop.py", *RESNET,
+                        f"--model_dir={reference}").returncode == 0
+  model_dir = str(tmp_path / "killed")
+  args = [*RESNET, f"--model_dir={model_dir}"]
+  killed = signal_script_at("train step 12/16", args, signal.SIGKILL)
+  assert killed.returncode == -signal.SIGKILL, killed.stdout
+  assert tf.train.latest_checkpoint(
+      os.path.join(model_dir, "checkpoints")).endswith("ckpt-8")
+  proc = run_in_process("train_loop.py", *args)
+  assert proc.returncode == 0, proc.stderr
+  assert "at step 8/16" in proc.stdout
+  _, a = _checkpoint_values(model_dir)
+  _, b = _checkpoint_values(reference)
+  assert a.keys() == b.keys()
+  assert "rng/dropout0/.ATTRIBUTES/VARIABLE_VALUE" in a
+  assert any("stage3_block1/second/bn/moving_variance" in k for k in a)
+  assert a["rng/dropout0/.ATTRIBUTES/VARIABLE_VALUE"][1] == 16  # A draw a step.
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
 @pytest.mark.slow
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous(
     tmp_path, reference_run):

@@ -26,11 +26,13 @@ pytestmark = pytest.mark.slow
 SMOKE = ["--flagfile=configs/smoke.flags", "--deterministic"]
 
 
-def _model_weights(model_dir):
+def _checkpoint_values(model_dir):
+  """Every value of the latest checkpoint (the model's deeper weights are
+  saved under the optimizer's shorter path)."""
   path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
   reader = tf.train.load_checkpoint(path)
   return path, {n: reader.get_tensor(n) for n, _ in tf.train.list_variables(path)
-                if n.startswith("model/")}
+                if n != "_CHECKPOINTABLE_OBJECT_GRAPH"}
 
 
 def _launch(tmp_path, *train_args, workers=2):
@@ -56,10 +58,16 @@ def _pids(line):
   return [int(match.group(1)), int(match.group(2))] if match else None
 
 
+# Batch norm synchronized over the workers (the default with replicas) and
+# dropout: each worker's replica draws its own masks, as a local replica.
+RESNET = ["--model=resnet", "--resnet_depth=8", "--dropout=0.2"]
+
+
 def test_two_workers_match_two_local_replicas(tmp_path):
   # One epoch: 16 steps, 2 calls of 8, an evaluation and a checkpoint.
   mw_dir = str(tmp_path / "multi_worker")
-  proc = _launch(tmp_path, *SMOKE, "--epochs=1", f"--model_dir={mw_dir}")
+  proc = _launch(tmp_path, *SMOKE, *RESNET, "--epochs=1",
+                 f"--model_dir={mw_dir}")
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, out + err
   assert "[worker 0] done" in out and "[worker 1] done" in out
@@ -68,13 +76,15 @@ def test_two_workers_match_two_local_replicas(tmp_path):
   # The reference in this process (2 logical CPUs, oneDNN on as in the
   # workers).
   mirrored_dir = str(tmp_path / "mirrored")
-  proc = run_in_process("train_loop.py", *SMOKE, "--epochs=1",
+  proc = run_in_process("train_loop.py", *SMOKE, *RESNET, "--epochs=1",
                         "--cpu_replicas=2", f"--model_dir={mirrored_dir}")
   assert proc.returncode == 0, proc.stderr
-  path_a, a = _model_weights(mw_dir)
-  path_b, b = _model_weights(mirrored_dir)
+  path_a, a = _checkpoint_values(mw_dir)
+  path_b, b = _checkpoint_values(mirrored_dir)
   assert path_a.endswith("ckpt-16") and path_b.endswith("ckpt-16")
-  assert len(a) == 10
+  assert a.keys() == b.keys()
+  assert len([k for k in a if "moving_mean" in k]) == 7
+  assert a["rng/dropout0/.ATTRIBUTES/VARIABLE_VALUE"][1] == 16
   assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-5
   with open(os.path.join(mw_dir, "metrics.json")) as f:
     mw = json.load(f)
