@@ -310,9 +310,12 @@ def _run_fit(config, data, strategy, initial_weights, train_dataset,
     first_x, first_y = next(iter(train_dataset()))
     state = model_lib.state_variables(seq)
     before = [v.numpy() for v in state]
+    # Compiled as fit's step is: XLA draws other dropout masks.
+    first_logits = tf.function(lambda x: seq(x, training=True),
+                               jit_compile=config.jit_compile)(first_x)
     direct_first_loss = float(
         tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(
-            first_y, seq(first_x, training=True), from_logits=True))
+            first_y, first_logits, from_logits=True))
         + (tf.add_n(seq.losses) if seq.losses else 0.0))
     for v, value in zip(state, before):
       v.assign(value)

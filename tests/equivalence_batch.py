@@ -17,6 +17,7 @@ per case.
 import json
 import os
 import sys
+import time
 
 os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"  # As the verifier does.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -48,8 +49,10 @@ def main(cases_path, reports_path):
   devices = [d.name for d in tf.config.list_logical_devices("CPU")]
   reports = {}
   for name, case in cases.items():
+    started = time.perf_counter()
     if "script" in case:
       reports[name] = _run_script(case["script"])
+      reports[name]["seconds"] = time.perf_counter() - started
       continue
     settings = dict(case["config"])
     settings["model"] = ModelConfig(**settings.get("model", {}))
@@ -65,8 +68,10 @@ def main(cases_path, reports_path):
       tf_config.enable_op_determinism()
     data = data_lib.make_synthetic(seed=config.seed, **case["data"])
     report = equivalence.run(config, data, devices)
+    # Seconds: where the suite's time goes.
     reports[name] = dict(report.to_json(),
-                         text=equivalence.format_report(report))
+                         text=equivalence.format_report(report),
+                         seconds=time.perf_counter() - started)
   write_json(reports_path, reports)
 
 

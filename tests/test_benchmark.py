@@ -7,6 +7,7 @@ import pytest
 from conftest import run_in_process
 from research import benchmarking
 from research import model as model_lib
+from research.config import ModelConfig
 
 
 def test_flop_count_of_the_convnet():
@@ -22,6 +23,20 @@ def test_flop_count_of_the_convnet():
   expected = 3 * sum(forward.values()) - forward["conv1"]
   assert benchmarking.training_flops_per_example(net, (32, 32, 3)) == expected
   assert expected == 25_736_448
+
+
+def test_flop_count_of_resnet20_is_counted_the_same_way():
+  net = model_lib.create(ModelConfig(name="resnet", resnet_depth=20),
+                         num_classes=10, image_shape=(32, 32, 3))
+  # Multiply-adds per example of each convolution (3x3), then the classifier.
+  stem = 32 * 32 * 9 * 3 * 16
+  stages = (6 * 32 * 32 * 9 * 16 * 16 +
+            16 * 16 * 9 * 16 * 32 + 5 * 16 * 16 * 9 * 32 * 32 +
+            8 * 8 * 9 * 32 * 64 + 5 * 8 * 8 * 9 * 64 * 64)
+  forward = 2 * (stem + stages + 64 * 10)
+  expected = 3 * forward - 2 * stem
+  assert benchmarking.training_flops_per_example(net, (32, 32, 3)) == expected
+  assert expected == 242_421_504
 
 
 @pytest.mark.slow

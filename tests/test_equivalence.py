@@ -38,7 +38,6 @@ CASES = {
     "sgd_cosine": (DATA, {"optimizer": {
         "name": "sgd", "learning_rate": 0.05, "lr_schedule": "cosine",
         "warmup_steps": 5}}),
-    "mixed_bfloat16": (DATA_10, {"dtype": "mixed_bfloat16"}),
     # What a single GPU runs by default: float16 with XLA, which also stands
     # for float32 with XLA (the same compiled step but for the dtype; float32
     # XLA trains in test_gpu_readiness.py). float16 without XLA, its
@@ -46,11 +45,16 @@ CASES = {
     # test_equivalence_replicas.py.
     "mixed_float16_xla": (DATA_10, {"dtype": "mixed_float16",
                                     "jit_compile": True}),
-    "tiny_mlp": (DATA, {"model": {"name": "tiny_mlp"}}),
     # Batch norm (moving statistics) and dropout (random masks): ResNet-8
-    # on 8x8 images, with and without dropout.
+    # on 8x8 images, with and without dropout. The ResNet registers no
+    # Sequential twin: fit trains a second instance (as for any such model).
     "resnet": (DATA_RESNET, {"model": RESNET}),
-    "resnet_dropout": (DATA_RESNET, {"model": {**RESNET, "dropout": 0.3}}),
+    # Dropout in bfloat16 (batch norm computing in float32), and with XLA
+    # (which draws its own masks, alike on both sides).
+    "resnet_dropout_bf16": (DATA_RESNET, {
+        "model": {**RESNET, "dropout": 0.3}, "dtype": "mixed_bfloat16"}),
+    "resnet_dropout_xla": (DATA_RESNET, {
+        "model": {**RESNET, "dropout": 0.3}, "jit_compile": True}),
 }
 # The verifier's own command lines.
 SCRIPT_RUNS = {
@@ -98,9 +102,9 @@ def test_regularization_and_short_batch_match_fit(reports):
   assert report["steps"] == STEPS + 1
 
 
-@pytest.mark.parametrize("case", ["mixed_bfloat16", "mixed_float16_xla"])
-def test_xla_and_mixed_precision_match_fit(reports, case):
-  report = reports[case]
+def test_float16_with_xla_matches_fit(reports):
+  # bfloat16 (without XLA): the ResNet's case below.
+  report = reports["mixed_float16_xla"]
   assert report["mode"] == "one_device"
   assert report["max_weight_diff"] == 0.0
   assert_equivalent(report)
@@ -115,21 +119,17 @@ def test_sgd_and_a_cosine_schedule_match_fit_bitwise(reports):
   assert_loss_fell(report["loop_losses"])
 
 
-def test_a_registered_model_without_a_sequential_twin_matches_fit(reports):
-  """fit trains a second instance of the registered model itself."""
-  report = reports["tiny_mlp"]
-  assert_bitwise_equal_to_fit(report)
-  assert_loss_fell(report["loop_losses"])
-
-
-@pytest.mark.parametrize("case", ["resnet", "resnet_dropout"])
+@pytest.mark.parametrize("case", ["resnet", "resnet_dropout_bf16",
+                                  "resnet_dropout_xla"])
 def test_a_resnet_with_batch_norm_and_dropout_is_bitwise_fit(reports, case):
   """Every loss, weight, moving statistic and dropout random state."""
   report = reports[case]
   assert report["mode"] == "one_device" and report["steps"] == 10
   assert report["compared"] == {
       "trainable": 23, "non_trainable": 14,
-      "random_states": 1 if case == "resnet_dropout" else 0}
-  assert report["fit_loss_recovery_error"] == 0.0
+      "random_states": 0 if case == "resnet" else 1}
+  # Under XLA the direct recomputation of fit's first loss is a separate
+  # compilation: within the tool's 1e-6, as the ConvNet's XLA row.
+  assert report["fit_loss_recovery_error"] <= (1e-6 if "xla" in case else 0)
   assert_bitwise_equal_to_fit(report)
   assert_loss_fell(report["loop_losses"])
