@@ -342,18 +342,12 @@ def _max_weight_diff(a: tf.keras.Model, b: tf.keras.Model) -> tuple[float, str]:
                              model_lib.state_variables(b)))
 
 
-def _batch_norms_per_replica(model: tf.keras.Model) -> bool:
-  """Whether the model has batch norm that is not synchronized."""
-  return any(isinstance(layer, tf.keras.layers.BatchNormalization) and
-             not layer.synchronized
-             for layer in model._flatten_layers(include_self=False))
-
-
 def _depends_on_replicas(model: tf.keras.Model) -> bool:
   """Whether a training step's math depends on how the batch is split over
   replicas: dropout (each replica its own masks) or batch norm on each
   replica's share."""
-  return bool(rng_states(model)) or _batch_norms_per_replica(model)
+  return bool(rng_states(model) or
+              model_lib.batch_norms(model, synchronized=False))
 
 
 def run(config: EquivalenceConfig, data: data_lib.ArrayData,
@@ -497,7 +491,7 @@ def _run(config: EquivalenceConfig, data: data_lib.ArrayData,
                     f"model.evaluate {fit_eval['loss']:.8f}")
 
   if failures and mode == "loop_replicas_vs_fit_one_device" and (
-      _batch_norms_per_replica(net)):
+      model_lib.batch_norms(net, synchronized=False)):
     failures.append(
         "expected: with --nosync_batch_norm each of the loop's replicas "
         "normalizes by the statistics of its own share of the batch, fit on "

@@ -201,11 +201,13 @@ def state_variables(model: tf.keras.Model) -> list[tf.Variable]:
   return model.weights + list(rng_states(model).values())
 
 
-def synchronized_batch_norms(model: tf.keras.Model) -> list:
-  """The model's batch-norm layers that all-reduce their statistics."""
+def batch_norms(model: tf.keras.Model, *, synchronized: bool
+                ) -> list[tf.keras.layers.BatchNormalization]:
+  """The model's batch-norm layers that all-reduce their statistics over
+  the replicas (``synchronized``), or those that do not."""
   return [layer for layer in model._flatten_layers(include_self=False)
           if isinstance(layer, tf.keras.layers.BatchNormalization) and
-          layer.synchronized]
+          layer.synchronized == synchronized]
 
 
 def copy_weights(source: tf.keras.Model, target: tf.keras.Model) -> None:

@@ -272,7 +272,8 @@ class StepRunner:
       ``step_learning_rates`` ``[num_steps]`` float32 (the rate of each
       step's update), ``correct`` and ``count`` int64 (over the steps'
       examples, before each update), ``skipped`` int32 (steps whose update
-      was not applied, nor their batch-norm statistics kept, because the loss or a gradient was not finite),
+      was not applied, nor their batch-norm statistics kept, because the
+      loss or a gradient was not finite),
       ``nonfinite_step`` int32 (index in this call of the first such step,
       -1 if none), and with ``keep_last_gradients`` ``last_gradients`` (the
       last applied step's gradient per trainable variable, after clipping;

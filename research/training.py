@@ -130,7 +130,7 @@ def build_training(*, strategy: tf.distribute.Strategy,
         model_config, num_classes=num_classes, image_shape=image_shape,
         dtype=None if precision == "float32" else precision)
     if (step_config.jit_compile and strategy.num_replicas_in_sync > 1 and
-        model_lib.synchronized_batch_norms(model)):
+        model_lib.batch_norms(model, synchronized=True)):
       raise UserError(
           "--jit_compile with batch norm synchronized over several "
           "replicas is not supported here: the statistics' all-reduce "

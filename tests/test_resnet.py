@@ -134,10 +134,11 @@ def test_sync_batch_norm_defaults_to_on_with_several_replicas():
   with distribute.mirrored_strategy(DEVICES[:2]).scope():
     net = model_lib.create(ModelConfig(name="resnet", resnet_depth=8),
                            num_classes=3, image_shape=(8, 8, 3))
-  assert len(model_lib.synchronized_batch_norms(net)) == 7
+  assert len(model_lib.batch_norms(net, synchronized=True)) == 7
   alone = model_lib.create(ModelConfig(name="resnet", resnet_depth=8),
                            num_classes=3, image_shape=(8, 8, 3))
-  assert not model_lib.synchronized_batch_norms(alone)
+  assert not model_lib.batch_norms(alone, synchronized=True)
+  assert len(model_lib.batch_norms(alone, synchronized=False)) == 7
 
 
 def _masks(layer, strategy, calls):
