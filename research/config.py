@@ -102,9 +102,9 @@ class ModelConfig:
     _at_least(self, 0, "l2", "dropout")
     if self.dropout >= 1:
       raise ValueError(f"dropout must be < 1, got {self.dropout}")
-    if self.resnet_depth < 8 or (self.resnet_depth - 2) % 6:
-      raise ValueError(f"resnet_depth must be 6n+2 with n >= 1 (20, 32, 44, "
-                       f"56, 110, ...), got {self.resnet_depth}")
+    if not options.is_resnet_depth(self.resnet_depth):
+      raise ValueError(f"resnet_depth must be {options.RESNET_DEPTH_RULE}, "
+                       f"got {self.resnet_depth}")
 
   def with_flip_average(self, flip_average: bool | None) -> ModelConfig:
     """This model predicting with (True) or without (False) flip

@@ -24,3 +24,11 @@ RESERVED_RUN_NAMES = ("train", "evaluator", "checkpoints", "best", "export",
 # selection: --best_metric=SET/METRIC).
 METRIC_DIRECTIONS = {"accuracy": "max", "loss": "min", "nll": "min",
                      "brier": "min", "ece": "min"}
+# CIFAR ResNets (research/resnet.py) have 6n + 2 layers, n >= 1 blocks a
+# stage; the paper's depths are 20, 32, 44, 56 and 110.
+RESNET_DEPTH_RULE = "6n+2 with n >= 1 (20, 32, 44, 56, 110, ...)"
+
+
+def is_resnet_depth(depth: int) -> bool:
+  """Whether ``depth`` follows ``RESNET_DEPTH_RULE``."""
+  return depth >= 8 and (depth - 2) % 6 == 0

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from research import options
 from research.layers import ReplicaDropout
 
 STAGE_FILTERS = (16, 32, 64)
-# The paper's depths (Table 6); any 6n + 2 >= 8 builds.
-PAPER_DEPTHS = (20, 32, 44, 56, 110)
 # Reference implementations' batch norm (PyTorch's defaults): moving averages
 # that follow the weights within a few hundred steps of a short schedule.
 BN_MOMENTUM = 0.9
@@ -32,9 +31,9 @@ def blocks_per_stage(depth: int) -> int:
   Raises:
     ValueError: if ``depth`` is not ``6n + 2`` with ``n >= 1``.
   """
-  if depth < 8 or (depth - 2) % 6:
-    raise ValueError(f"resnet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, "
-                     f"44, 56, 110, ...), got {depth}")
+  if not options.is_resnet_depth(depth):
+    raise ValueError(f"resnet depth must be {options.RESNET_DEPTH_RULE}, "
+                     f"got {depth}")
   return (depth - 2) // 6
 
 

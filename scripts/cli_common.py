@@ -14,6 +14,7 @@ import tempfile
 
 from absl import flags
 
+from research import options
 from research.errors import UserError
 
 # Room for a few checkpoints (1.5 MB each) and event files.
@@ -89,8 +90,8 @@ def define_model_flags(fv: flags.FlagValues, *, l2_help: str) -> None:
                        "resnet: 6n+2 layers (20, 32, 44, 56, 110; 8 and 14 "
                        "build too).", lower_bound=8, flag_values=fv)
   flags.register_validator(
-      "resnet_depth", lambda depth: (depth - 2) % 6 == 0,
-      message="--resnet_depth must be 6n+2 (20, 32, 44, 56, 110, ...)",
+      "resnet_depth", options.is_resnet_depth,
+      message=f"--resnet_depth must be {options.RESNET_DEPTH_RULE}",
       flag_values=fv)
   flags.DEFINE_bool("sync_batch_norm", None,
                     "Batch-norm statistics over the global batch, all-reduced "

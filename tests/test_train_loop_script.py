@@ -174,6 +174,8 @@ def _bad_dir_under_a_file(tmp_path):
 BAD_FLAGS = [
     ("batch_not_divisible", ["--cpu_replicas=2", "--batch_size=33"],
      "does not divide over the 2 replicas"),
+    ("resnet_depth_not_6n_plus_2", ["--model=resnet", "--resnet_depth=22"],
+     "--resnet_depth must be 6n+2"),
     ("zero_epochs", ["--epochs=0"], "--epochs must be a positive"),
     ("negative_epochs", ["--epochs=-3"], "--epochs must be a positive"),
     ("zero_learning_rate", ["--learning_rate=0"], "--learning_rate must be > 0"),
