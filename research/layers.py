@@ -74,6 +74,25 @@ class ReplicaDropout(tf.keras.layers.Layer):
     return {**super().get_config(), "rate": self.rate}
 
 
+def dropout_if_any(rate: float, *, dtype: str | None, name: str
+                   ) -> ReplicaDropout | None:
+  """A ``ReplicaDropout`` of ``rate``, or None for a rate of 0.
+
+  Only when used: an unused layer would still take a seed from Keras'
+  global generator and change the initialization of the layers created
+  after it.
+  """
+  return ReplicaDropout(rate, dtype=dtype, name=name) if rate else None
+
+
+def logits_dtype(dtype: str | None) -> str | None:
+  """The dtype policy of a model's logits layer built under ``dtype``
+  (None: the global policy): float32 under a mixed policy, so the softmax
+  and the loss never see float16 overflow or underflow; else ``dtype``."""
+  policy = dtype or tf.keras.config.dtype_policy().name
+  return "float32" if policy.startswith("mixed") else dtype
+
+
 def rng_states(model: tf.keras.Model) -> dict[str, tf.Variable]:
   """The random state of every dropout layer of ``model``.
 

@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from research import resnet
 from research.config import ModelConfig
-from research.layers import ReplicaDropout
+from research import layers
 from research.layers import rng_states
 from research.registry import Registry
 
@@ -39,11 +39,6 @@ def _layer_stack(num_classes: int, l2: float, dtype: str | None,
   """The seed's layers, in order, shared by both model forms (with
   ``dropout``, a dropout layer before each dense layer)."""
   reg = tf.keras.regularizers.L2(l2) if l2 else None
-  # Under a mixed policy the logits layer still computes in float32, so the
-  # softmax and loss never see float16 overflow or underflow.
-  policy = dtype or tf.keras.config.dtype_policy().name
-  logits_dtype = "float32" if policy.startswith("mixed") else dtype
-
   def conv(filters, name):
     return tf.keras.layers.Conv2D(
         filters, (3, 3), activation="relu", kernel_regularizer=reg, name=name,
@@ -55,9 +50,8 @@ def _layer_stack(num_classes: int, l2: float, dtype: str | None,
         dtype=layer_dtype)
 
   def drop(name):
-    # Only when used: an unused layer would still take a seed from Keras'
-    # global generator and change the initialization of the layers after it.
-    return [ReplicaDropout(dropout, dtype=dtype, name=name)] if dropout else []
+    layer = layers.dropout_if_any(dropout, dtype=dtype, name=name)
+    return [layer] if layer else []
 
   return [
       conv(32, "conv1"),
@@ -73,7 +67,7 @@ def _layer_stack(num_classes: int, l2: float, dtype: str | None,
       *drop("dropout2"),
       # Logits: softmax lives in the loss (from_logits=True), which is
       # numerically safer and what mixed precision needs.
-      dense(num_classes, None, "logits", logits_dtype),
+      dense(num_classes, None, "logits", layers.logits_dtype(dtype)),
   ]
 
 
@@ -109,13 +103,13 @@ class ConvNet(tf.keras.Model):
       raise ValueError(f"l2 must be >= 0, got {l2}")
     super().__init__(name=name, dtype=dtype)
     self.num_classes = num_classes
-    layers = _layer_stack(num_classes, l2, dtype, dropout)
+    stack = _layer_stack(num_classes, l2, dtype, dropout)
     # One attribute per layer (not a list): TensorFlow's checkpoint graph
     # follows attributes, so the weights save under model/conv1/... and a
     # model can be restored on its own, without its optimizer.
-    for layer in layers:
+    for layer in stack:
       setattr(self, layer.name, layer)
-    self._layer_names = tuple(layer.name for layer in layers)
+    self._layer_names = tuple(layer.name for layer in stack)
 
   @property
   def stack(self) -> list[tf.keras.layers.Layer]:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from research import layers
 from research import options
-from research.layers import ReplicaDropout
 
 STAGE_FILTERS = (16, 32, 64)
 # Reference implementations' batch norm (PyTorch's defaults): moving averages
@@ -131,15 +131,11 @@ class ResNet(tf.keras.Model):
     self._block_names = tuple(block.name for block in blocks)
     self.pool = tf.keras.layers.GlobalAveragePooling2D(dtype=dtype,
                                                        name="pool")
-    # Only when used: an unused layer would still take a seed from Keras'
-    # global generator and change the initialization of the layers after it.
-    self.dropout = (ReplicaDropout(dropout, dtype=dtype, name="dropout")
-                    if dropout else None)
-    policy = dtype or tf.keras.config.dtype_policy().name
+    self.dropout = layers.dropout_if_any(dropout, dtype=dtype,
+                                         name="dropout")
     self.logits = tf.keras.layers.Dense(
         num_classes, kernel_regularizer=regularizer,
-        dtype="float32" if policy.startswith("mixed") else dtype,
-        name="logits")
+        dtype=layers.logits_dtype(dtype), name="logits")
 
   @property
   def blocks(self) -> list[BasicBlock]:
