@@ -383,8 +383,8 @@ def _no_graph_rewrites():
   trees of additions in ``fit``'s graph than in the loop's, so the two
   rounded differently from the first rewritten sum on. The comparison is of
   the math both sides ask for (as with oneDNN's rewrites, which the
-  verifier turns off too); and the rewrites' own time (a fifth of a
-  verification, tracing included, on a 4-replica ResNet-8) goes.
+  verifier turns off too); and the rewrites' own time goes (a tenth to a
+  fifth of the tests' batch of 2- and 4-replica cases, tracing included).
   """
   previous = tf.config.optimizer.get_experimental_options().get(
       "disable_meta_optimizer", False)
