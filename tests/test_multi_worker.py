@@ -58,6 +58,29 @@ def _pids(line):
   return [int(match.group(1)), int(match.group(2))] if match else None
 
 
+def _signal_when(proc, is_cue, send, timeout):
+  """Reads the launcher's output until `is_cue(line)`, calls `send(pids)`
+  with the workers' pids, then waits at most `timeout` s for the launcher
+  (a longer wait raises TimeoutExpired and fails the test).
+
+  Returns (stdout, stderr, pids); the launcher is killed if it outlives
+  this."""
+  seen, pids = [], []
+  try:
+    for line in proc.stdout:
+      seen.append(line)
+      pids = _pids(line) or pids
+      if is_cue(line):
+        break
+    assert pids, "the launcher did not report its workers"
+    send(pids)
+    out, err = proc.communicate(timeout=timeout)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  return "".join(seen) + out, err, pids
+
+
 # Batch norm synchronized over the workers (the default with replicas) and
 # dropout: each worker's replica draws its own masks, as a local replica.
 RESNET = ["--model=resnet", "--resnet_depth=8", "--dropout=0.2"]
@@ -113,15 +136,9 @@ def test_sigterm_ctrl_c_then_sigkill_on_one_worker(tmp_path):
   model_dir = str(tmp_path / "preempted")
   args = [*SMOKE, "--epochs=5", f"--model_dir={model_dir}"]  # 80 steps.
   proc = _launch(tmp_path, *args)
-  try:
-    for line in proc.stdout:
-      if line.startswith("[worker 0] train step 24/"):
-        proc.send_signal(signal.SIGTERM)
-        break
-    out, err = proc.communicate(timeout=120)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
+  out, err, _ = _signal_when(
+      proc, lambda line: line.startswith("[worker 0] train step 24/"),
+      lambda pids: proc.send_signal(signal.SIGTERM), timeout=120)
   assert proc.returncode == 143, out + err
   assert "[worker 0] stopped by SIGTERM at step" in out
   assert "[worker 1] stopped by SIGTERM at step" in out
@@ -131,22 +148,14 @@ def test_sigterm_ctrl_c_then_sigkill_on_one_worker(tmp_path):
       os.path.join(model_dir, "checkpoints")).endswith(f"ckpt-{saved}")
   assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
 
+  def _step(line):
+    return int(re.search(r"train step (\d+)/", line).group(1))
+
   proc = _launch(tmp_path, *args)
-  seen = []
-  try:
-    pids = []
-    for line in proc.stdout:
-      seen.append(line)
-      pids = _pids(line) or pids
-      if line.startswith("[worker 1] train step") and (
-          int(re.search(r"train step (\d+)/", line).group(1)) > saved):
-        os.kill(pids[1], signal.SIGINT)
-        break
-    out, err = proc.communicate(timeout=120)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  out = "".join(seen) + out
+  out, err, _ = _signal_when(
+      proc, lambda line: (line.startswith("[worker 1] train step")
+                          and _step(line) > saved),
+      lambda pids: os.kill(pids[1], signal.SIGINT), timeout=120)
   assert proc.returncode == 130, out + err
   assert f"at step {saved}/80" in out  # Resumed.
   steps = {int(s) for s in re.findall(
@@ -163,22 +172,9 @@ def test_sigterm_ctrl_c_then_sigkill_on_one_worker(tmp_path):
   assert os.listdir(tmp_path / "tmp") == []
 
   proc = _launch(tmp_path, *args)
-  seen, pids = [], []
-  try:
-    for line in proc.stdout:
-      seen.append(line)
-      pids = _pids(line) or pids
-      if line.startswith("[worker 1] train step"):
-        break
-    assert pids, "the launcher did not report its workers"
-    os.kill(pids[1], signal.SIGKILL)
-    # The launcher must be done within 60 s: a longer wait raises
-    # TimeoutExpired and fails the test.
-    out, err = proc.communicate(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  out = "".join(seen) + out
+  out, err, pids = _signal_when(
+      proc, lambda line: line.startswith("[worker 1] train step"),
+      lambda pids: os.kill(pids[1], signal.SIGKILL), timeout=60)
   assert f"at step {interrupted}/80" in out  # Resumed again.
   assert proc.returncode != 0
   assert "error: worker 1 exited with status -9 (killed by SIGKILL)" in err
