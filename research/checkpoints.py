@@ -294,7 +294,7 @@ class CheckpointKeeper:
       except (tf.errors.OpError, OSError) as e:
         raise UserError(
             f"could not save the checkpoint of step {step} in "
-            f"{self.directory} ({_first_line(e)}); the earlier checkpoints "
+            f"{self.directory} ({data_lib.describe_error(e)}); the earlier checkpoints "
             f"are intact: free space or fix the folder, then re-run the "
             f"same command to resume") from None
     scratch = tempfile.mkdtemp(prefix="worker_ckpt_")
@@ -314,11 +314,6 @@ def _state_fix(directory: str) -> str:
   return (f"to resume from the newest checkpoint beside it, write its name "
           f"into it: printf 'model_checkpoint_path: \"{newest}\"\\n' > "
           f"{state}")
-
-
-def _first_line(error: BaseException) -> str:
-  text = str(error).strip()
-  return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def _shapes(prefix: str) -> dict[str, list[int]]:

@@ -887,8 +887,6 @@ def _load_folder(config: DataConfig, *, seed: int) -> ArrayData:
   if not config.data_dir:
     raise UserError("--dataset=folder needs --data_dir=<folder with train/ "
                     "and test/ class subfolders>")
-  # getattr: DataConfig gains max_image_pixels with its --max_image_pixels
-  # flag; until then (and for configs without it) the default applies.
   return load_image_folder(
       config.data_dir, resize_to=config.resize_images,
       max_image_pixels=config.max_image_pixels)

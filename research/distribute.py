@@ -13,6 +13,7 @@ import os
 
 import tensorflow as tf
 
+from research import data as data_lib
 from research.errors import UserError
 from research.options import STRATEGIES
 
@@ -135,8 +136,26 @@ def create_strategy(name: str = "auto", *, num_gpus: int | None = None,
   return tf.distribute.OneDeviceStrategy(gpus[0] if gpus else cpus[0])
 
 
+def _tf_config() -> dict:
+  """The parsed ``TF_CONFIG`` environment variable ({} when unset).
+
+  Raises:
+    UserError: if it is set but not a JSON object.
+  """
+  text = os.environ.get("TF_CONFIG", "")
+  try:
+    config = json.loads(text) if text.strip() else {}
+  except ValueError as e:
+    config = e
+  if not isinstance(config, dict):
+    raise UserError(f"TF_CONFIG is not a JSON object ({config}): fix it "
+                    f"(see BUILD.md) or unset it") from None
+  return config
+
+
 def _multi_worker_strategy(cpu_replicas: int) -> tf.distribute.Strategy:
   """``MultiWorkerMirroredStrategy`` over the cluster in ``TF_CONFIG``."""
+  _tf_config()  # TensorFlow's resolver fails on bad JSON with a traceback.
   resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
   cluster = resolver.cluster_spec().as_dict()
   if not cluster:
@@ -162,7 +181,7 @@ def _tpu_strategy(tpu: str) -> tf.distribute.Strategy:
     tf.tpu.experimental.initialize_tpu_system(resolver)
   except (ValueError, tf.errors.OpError) as e:
     raise UserError(f"cannot reach a TPU (--tpu={tpu!r}): "
-                    f"{str(e).splitlines()[0] if str(e) else e}") from None
+                    f"{data_lib.describe_error(e)}") from None
   return tf.distribute.TPUStrategy(resolver)
 
 
@@ -183,13 +202,15 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
 
 
 def describe(strategy: tf.distribute.Strategy) -> str:
-  """A one-line description, e.g. ``MirroredStrategy x2 (/cpu:0, /cpu:1)``."""
+  """A one-line description, e.g. ``MirroredStrategy x2 (/cpu:0, /cpu:1)``.
+
+  Raises:
+    UserError: if ``TF_CONFIG`` is set but not a JSON object.
+  """
   devices = getattr(strategy.extended, "worker_devices", ())
-  config = os.environ.get("TF_CONFIG")
-  where = ""
-  if config:
-    task = json.loads(config).get("task", {})
-    where = f" task={task.get('type')}:{task.get('index')}"
+  task = _tf_config().get("task")
+  where = (f" task={task.get('type')}:{task.get('index')}"
+           if isinstance(task, dict) else "")
   return (f"{type(strategy).__name__} x{strategy.num_replicas_in_sync} "
           f"({', '.join(devices)}){where}")
 

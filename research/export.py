@@ -143,8 +143,8 @@ def export_saved_model(model: tf.keras.Model, export_dir: str, *,
     _publish(tmp, export_dir)
   except (OSError, tf.errors.OpError) as e:
     shutil.rmtree(tmp, ignore_errors=True)
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    raise UserError(f"could not export the model to {export_dir} ({first}); "
+    raise UserError(f"could not export the model to {export_dir} "
+                    f"({data_lib.describe_error(e)}); "
                     f"check that the folder is writable and has space"
                     ) from None
   return export_dir

@@ -329,6 +329,20 @@ def test_bad_input_gets_one_clear_line_and_changes_nothing(tmp_path, case):
   _check_bad_input(tmp_path, case, run_in_process)
 
 
+@pytest.mark.parametrize("strategy", ["auto", "multi_worker_mirrored"])
+def test_a_tf_config_that_is_not_json_gets_one_clear_line(tmp_path, strategy,
+                                                          monkeypatch):
+  monkeypatch.setenv("TF_CONFIG", "{'cluster': {}}")
+  proc = run_in_process("train_loop.py", "--flagfile=configs/smoke.flags",
+                        f"--strategy={strategy}",
+                        f"--model_dir={tmp_path / 'run'}")
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      "error: TF_CONFIG is not a JSON object (Expecting property name "
+      "enclosed in double quotes"), proc.stderr
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
 def test_a_model_dir_whose_name_is_not_utf8_is_refused_untouched(tmp_path):
   model_dir = os.path.join(str(tmp_path), os.fsdecode(b"run\xff"))
   proc = run_in_process("train_loop.py", "--flagfile=configs/smoke.flags",
