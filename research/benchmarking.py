@@ -81,7 +81,22 @@ class LoopContender:
   def __init__(self, dataset: tf.data.Dataset, *, global_batch_size: int,
                steps_per_loop: int, jit_compile: bool, seed: int = 0,
                precision: str = "float32",
-               model_config: ModelConfig = ModelConfig()):
+               model_config: ModelConfig = ModelConfig(),
+               image_shape: tuple[int, int, int] = model_lib.IMAGE_SHAPE,
+               num_classes: int = model_lib.NUM_CLASSES):
+    """Builds the model and its step under the current strategy.
+
+    Args:
+      dataset: Batches of ``(images, labels)``, at least as many as will run.
+      global_batch_size: Its batch size.
+      steps_per_loop: Steps per call of the compiled loop.
+      jit_compile: Whether the step is compiled with XLA.
+      seed: Seeds the initial weights.
+      precision: A Keras dtype policy name.
+      model_config: The model.
+      image_shape: One image's shape in ``dataset``.
+      num_classes: The classes of its labels.
+    """
     self.strategy = tf.distribute.get_strategy()
     tf.keras.utils.set_random_seed(seed)
     _, self.runner = build_training(
@@ -90,12 +105,12 @@ class LoopContender:
         step_config=StepConfig(global_batch_size=global_batch_size,
                                jit_compile=jit_compile,
                                mixed_precision=precision),
-        num_classes=model_lib.NUM_CLASSES, image_shape=model_lib.IMAGE_SHAPE,
-        total_steps=1)
+        num_classes=num_classes, image_shape=image_shape, total_steps=1)
     self.iterator = iter(dataset)
     self.steps_per_loop = steps_per_loop
 
   def run(self, steps: int) -> None:
+    """Trains ``steps`` steps (and waits for them)."""
     done = 0
     while done < steps:
       n = min(self.steps_per_loop, steps - done)
@@ -109,11 +124,24 @@ class FitContender:
 
   def __init__(self, dataset: tf.data.Dataset, *, steps_per_execution: int,
                jit_compile, seed: int = 0, precision: str = "float32",
-               model_config: ModelConfig = ModelConfig()):
+               model_config: ModelConfig = ModelConfig(),
+               image_shape: tuple[int, int, int] = model_lib.IMAGE_SHAPE,
+               num_classes: int = model_lib.NUM_CLASSES):
+    """Builds and compiles the model.
+
+    Args:
+      dataset: Batches of ``(images, labels)``, at least as many as will run.
+      steps_per_execution: ``compile``'s steps per call.
+      jit_compile: ``compile``'s (True, False or "auto").
+      seed: Seeds the initial weights.
+      precision: A Keras dtype policy name.
+      model_config: The model.
+      image_shape: One image's shape in ``dataset``.
+      num_classes: The classes of its labels.
+    """
     tf.keras.utils.set_random_seed(seed)
     self.model = model_lib.create_fit_twin(
-        model_config, num_classes=model_lib.NUM_CLASSES,
-        image_shape=model_lib.IMAGE_SHAPE,
+        model_config, num_classes=num_classes, image_shape=image_shape,
         dtype=None if precision == "float32" else precision)
     self.model.compile(
         optimizer=optim.make_optimizer(0.001, precision),
@@ -123,18 +151,21 @@ class FitContender:
     self.steps_per_execution = steps_per_execution
 
   def run(self, steps: int) -> None:
+    """Trains about ``steps`` steps: a whole number of executions."""
     steps = max(self.steps_per_execution,
                 steps // self.steps_per_execution * self.steps_per_execution)
     self.model.fit(self.dataset, steps_per_epoch=steps, epochs=1, verbose=0,
                    shuffle=False)
 
 
-def synthetic_in_memory(global_batch_size: int, seed: int = 0
-                        ) -> tf.data.Dataset:
+def synthetic_in_memory(global_batch_size: int, seed: int = 0, *,
+                        image_shape: tuple[int, int, int] = (32, 32, 3),
+                        num_classes: int = 10) -> tf.data.Dataset:
   """One constant batch, repeated: the input-free ceiling."""
   rng = np.random.default_rng(seed)
-  images = rng.uniform(0, 1, (global_batch_size, 32, 32, 3)).astype(np.float32)
-  labels = rng.integers(0, 10, global_batch_size).astype(np.int32)
+  images = rng.uniform(0, 1, (global_batch_size, *image_shape)
+                       ).astype(np.float32)
+  labels = rng.integers(0, num_classes, global_batch_size).astype(np.int32)
   return tf.data.Dataset.from_tensors((images, labels)).repeat()
 
 

@@ -522,8 +522,17 @@ def _list_dir(path: str) -> list[str]:
                     f"check that it is a readable folder") from None
 
 
-def _list_split(root: str, split: str) -> tuple[list[str], dict[str, list[str]]]:
+def list_image_folder_split(root: str, split: str
+                            ) -> tuple[list[str], dict[str, list[str]]]:
   """The sorted class folders of ``root/split`` and their image files.
+
+  Args:
+    root: The folder holding ``train/<class>/`` and ``test/<class>/``.
+    split: ``"train"`` or ``"test"``.
+
+  Returns:
+    ``(classes, files)``: the class folder names, sorted (label i is
+    ``classes[i]``), and each class's image paths, sorted.
 
   Raises:
     UserError: for a missing or unreadable split, no class folders, a class
@@ -833,8 +842,8 @@ def load_image_folder(data_dir: str, *,
     raise UserError(f"--data_dir={shown} is a file, not a folder")
   if not os.path.isdir(data_dir):
     raise UserError(f"--data_dir={shown} does not exist")
-  classes, train_files = _list_split(data_dir, "train")
-  test_classes, test_files = _list_split(data_dir, "test")
+  classes, train_files = list_image_folder_split(data_dir, "train")
+  test_classes, test_files = list_image_folder_split(data_dir, "test")
   if test_classes != classes:
     raise UserError(f"{shown}: train/ and test/ have different class "
                     f"folders ({classes} vs {test_classes})")

@@ -25,9 +25,24 @@ def read_json(path: str, *, fix: str):
 
 
 def write_json(path: str, payload) -> None:
-  """Writes JSON atomically: a crash never leaves a half-written file."""
+  """Writes JSON atomically: a crash never leaves a half-written file.
+
+  Args:
+    path: The file to write (replaced whole if it exists).
+    payload: What to write (values JSON cannot hold are written as str).
+
+  Raises:
+    UserError: if the file cannot be written (no such folder, no space,
+      no permission); ``path`` is then unchanged.
+  """
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True, default=str)
-    f.write("\n")
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(payload, f, indent=2, sort_keys=True, default=str)
+      f.write("\n")
+    os.replace(tmp, path)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise UserError(f"could not write {path} ({e.strerror or e}); check that "
+                    f"its folder exists, is writable and has space") from None

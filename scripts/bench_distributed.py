@@ -33,14 +33,18 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   """Defines this script's flags on ``fv``."""
   flags.DEFINE_integer("repeats", 3, "Runs of each set-up.", lower_bound=1,
                        flag_values=fv)
-  flags.DEFINE_integer("batch_size", 64, "Global batch size.", lower_bound=2,
-                       flag_values=fv)
+  flags.DEFINE_integer("batch_size", 64,
+                       "Global batch size (even: two replicas share it).",
+                       lower_bound=2, flag_values=fv)
+  flags.register_validator(
+      "batch_size", lambda v: v % 2 == 0,
+      message="--batch_size must be even: the two-replica set-ups split it",
+      flag_values=fv)
   flags.DEFINE_integer("train_size", 8192, "Synthetic training examples.",
                        lower_bound=64, flag_values=fv)
   flags.DEFINE_integer("epochs", 2, "Epochs per run.", lower_bound=1,
                        flag_values=fv)
-  flags.DEFINE_string("json_out", None, "Also write the results here.",
-                      flag_values=fv)
+  cli.define_json_out(fv, "Also write the results here (JSON).")
 
 
 SETUPS = {
@@ -53,6 +57,14 @@ SETUPS = {
 
 
 def run_once(script: str, prefix: list[str], common: list[str]) -> float:
+  """Trains once with ``scripts/<script> *prefix *common`` in a fresh process.
+
+  Returns:
+    The run's training examples per second (from its metrics.json).
+
+  Raises:
+    RuntimeError: if the run fails, with the end of its stderr.
+  """
   with tempfile.TemporaryDirectory() as model_dir:
     cmd = [sys.executable, os.path.join(HERE, script), *prefix, *common,
            f"--model_dir={model_dir}"]
@@ -66,7 +78,7 @@ def run_once(script: str, prefix: list[str], common: list[str]) -> float:
 
 
 def main(argv):
-  del argv
+  cli.refuse_arguments(argv[1:])
   common = ["--dataset=synthetic", f"--synthetic_train_size={FLAGS.train_size}",
             "--synthetic_test_size=256", f"--batch_size={FLAGS.batch_size}",
             f"--epochs={FLAGS.epochs}", "--steps_per_loop=50",
@@ -74,7 +86,10 @@ def main(argv):
   results = {name: [] for name in SETUPS}
   for r in range(FLAGS.repeats):
     for name, (script, prefix) in SETUPS.items():
-      rate = run_once(script, prefix, common)
+      try:
+        rate = run_once(script, prefix, common)
+      except RuntimeError as e:
+        cli.exit_with_error(str(e), status=1)
       results[name].append(rate)
       print(f"repeat {r + 1}: {name}: {rate:,.0f} examples/s", flush=True)
   base = statistics.median(results["1 process x 1 replica"])
@@ -87,8 +102,8 @@ def main(argv):
                  f"{median / base:.2f} |")
   print("\n".join(lines))
   if FLAGS.json_out:
-    with open(FLAGS.json_out, "w") as f:
-      json.dump({"setups": results, "common_flags": common}, f, indent=2)
+    cli.write_json_or_exit(FLAGS.json_out,
+                           {"setups": results, "common_flags": common})
 
 
 if __name__ == "__main__":

@@ -65,8 +65,23 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                     "Keras dtype policies to time, among "
                     f"{','.join(options.PRECISIONS)} (mixed_float16 only "
                     "pays on a GPU).", flag_values=fv)
-  flags.DEFINE_string("json_out", None, "Also write every window here.",
-                      flag_values=fv)
+  cli.define_json_out(fv, "Also write every window here (JSON).")
+
+
+def _batch_size(text: str) -> int:
+  """A --batch_sizes entry as a positive int.
+
+  Raises:
+    UserError: for anything else.
+  """
+  try:
+    batch = int(text)
+  except ValueError:
+    batch = 0
+  if batch < 1:
+    raise UserError(f"--batch_sizes/--xla_batch_sizes: {text!r} is not a "
+                    f"positive batch size")
+  return batch
 
 
 def run(fv: flags.FlagValues, argv: list[str]) -> None:
@@ -87,17 +102,19 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
       if precision not in options.PRECISIONS:
         raise UserError(f"--precisions: {precision!r} is not one of "
                         f"{', '.join(options.PRECISIONS)}")
-    settings = ([(int(b), False, p) for p in fv.precisions
+    settings = ([(_batch_size(b), False, p) for p in fv.precisions
                  for b in fv.batch_sizes] +
-                [(int(b), True, p) for p in fv.precisions
+                [(_batch_size(b), True, p) for p in fv.precisions
                  for b in fv.xla_batch_sizes])
     flat = fv.flag_values_dict()
     data = data_lib.load(config_lib.part_from_flat("data", flat), seed=0)
+    for batch, _, _ in settings:  # Refuses a batch larger than the data.
+      data_lib.steps_per_epoch(len(data.train_labels), batch, True)
     model_config = config_lib.part_from_flat("model", flat)
+    shapes = {"image_shape": data.image_shape,
+              "num_classes": data.num_classes}
     flops = benchmarking.training_flops_per_example(
-        model_lib.create(model_config, num_classes=model_lib.NUM_CLASSES,
-                         image_shape=model_lib.IMAGE_SHAPE),
-        model_lib.IMAGE_SHAPE)
+        model_lib.create(model_config, **shapes), data.image_shape)
   except (UserError, ValueError) as e:
     cli.exit_with_error(str(e))
   # Each precision's ceiling: the matmul in the dtype its layers compute in.
@@ -127,19 +144,20 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
         "loop": benchmarking.LoopContender(
             real, global_batch_size=batch, steps_per_loop=steps_per_call,
             jit_compile=jit, precision=precision,
-            model_config=model_config).run,
+            model_config=model_config, **shapes).run,
         "loop_synthetic": benchmarking.LoopContender(
-            benchmarking.synthetic_in_memory(batch), global_batch_size=batch,
+            benchmarking.synthetic_in_memory(batch, **shapes),
+            global_batch_size=batch,
             steps_per_loop=steps_per_call, jit_compile=jit,
-            precision=precision, model_config=model_config).run,
+            precision=precision, model_config=model_config, **shapes).run,
         "fit_default": benchmarking.FitContender(
             benchmarking.real_pipeline(data, batch), steps_per_execution=1,
             jit_compile="auto", precision=precision,
-            model_config=model_config).run,
+            model_config=model_config, **shapes).run,
         "fit_matched": benchmarking.FitContender(
             benchmarking.real_pipeline(data, batch),
             steps_per_execution=steps_per_call, jit_compile=jit,
-            precision=precision, model_config=model_config).run,
+            precision=precision, model_config=model_config, **shapes).run,
     }
     seconds = benchmarking.time_alternating(
         contenders, steps=window_steps, windows=fv.windows)
@@ -160,8 +178,7 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
   table = _markdown(results, flops)
   print(table)
   if fv.json_out:
-    from research.files import write_json
-    write_json(fv.json_out, {
+    cli.write_json_or_exit(fv.json_out, {
         "machine": {"cpu": cpu, "cores": os.cpu_count(),
                     "tensorflow": tf.__version__,
                     "keras": tf.keras.__version__},

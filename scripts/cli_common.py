@@ -118,6 +118,41 @@ def check_writable_dir(path: str) -> bool:
   return os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)
 
 
+def define_json_out(fv: flags.FlagValues, help_text: str) -> None:
+  """Defines --json_out on ``fv``, checked before anything runs: a file in
+  an existing, writable folder.
+
+  Args:
+    fv: The script's flags.
+    help_text: What the script writes there.
+  """
+  flags.DEFINE_string("json_out", None, help_text, flag_values=fv)
+
+  def json_out_ok(path):
+    # A long run must not end in a traceback because of where it reports.
+    if path is None:
+      return True
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(
+        folder, os.W_OK | os.X_OK):
+      raise flags.ValidationError(
+          f"--json_out={path} is not a file in an existing, writable folder; "
+          f"create the folder or pick another path")
+    return True
+
+  flags.register_validator("json_out", json_out_ok, flag_values=fv)
+
+
+def write_json_or_exit(path: str, payload) -> None:
+  """Writes ``payload`` as JSON to ``path`` (``--json_out``), or exits with
+  one error line (the results printed before it stay on the screen)."""
+  from research import files
+  try:
+    files.write_json(path, payload)
+  except UserError as e:
+    exit_with_error(str(e), status=e.exit_status)
+
+
 def register_validators(fv: flags.FlagValues) -> None:
   """Validators of the training flags, checked before anything runs."""
   flags.register_validator(

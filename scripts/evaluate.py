@@ -47,8 +47,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                     f"{','.join(options.EVAL_SETS)} or one the dataset adds "
                     "(default, or given empty: every set "
                     "the run has).", flag_values=fv)
-  flags.DEFINE_string("json_out", None, "Also write the results here.",
-                      flag_values=fv)
+  cli.define_json_out(fv, "Also write the results here (JSON).")
   flags.DEFINE_bool("flip_average", None,
                     "Evaluate with (or, --noflip_average, without) test-time "
                     "flip averaging (default: as the run does).",

@@ -66,9 +66,11 @@ from absl import flags  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import cli_common as cli  # noqa: E402  (scripts/cli_common.py)
 from research import data as data_lib  # noqa: E402
 from research import model as model_lib  # noqa: E402
 from research.config import ModelConfig  # noqa: E402
+from research.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -106,8 +108,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                     flag_values=fv)
   flags.DEFINE_bool("deterministic", False, "Enable op determinism.",
                     flag_values=fv)
-  flags.DEFINE_string("json_out", None, "Append the result here as JSON.",
-                      flag_values=fv)
+  cli.define_json_out(fv, "Append the result here as one line of JSON.")
 
 
 # ---------------------------------------------------------------------------
@@ -115,17 +116,15 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
 
 
 def list_split(data_dir: str, split: str):
-  """(paths, labels) of ``split`` in sorted class / sorted file order, the
-  order research.data.load_image_folder uses."""
-  root = os.path.join(data_dir, split)
-  classes = sorted(d for d in os.listdir(root)
-                   if os.path.isdir(os.path.join(root, d)))
-  paths, labels = [], []
-  for label, c in enumerate(classes):
-    names = sorted(f for f in os.listdir(os.path.join(root, c))
-                   if f.lower().endswith((".jpg", ".jpeg", ".png")))
-    paths += [os.path.join(root, c, f) for f in names]
-    labels += [label] * len(names)
+  """(paths, labels, classes) of ``split`` in the order
+  research.data.load_image_folder uses (sorted classes, sorted files).
+
+  Raises:
+    UserError: for a folder that is not an image folder.
+  """
+  classes, files = data_lib.list_image_folder_split(data_dir, split)
+  paths = [p for c in classes for p in files[c]]
+  labels = [label for label, c in enumerate(classes) for _ in files[c]]
   return paths, np.asarray(labels, np.int32), tuple(classes)
 
 
@@ -135,8 +134,12 @@ def load_pil(data_dir: str):
   out = {}
   for split in ("train", "test"):
     paths, labels, classes = list_split(data_dir, split)
-    images = np.stack([np.asarray(Image.open(p).convert("RGB"))
-                       for p in paths])
+    try:
+      images = np.stack([np.asarray(Image.open(p).convert("RGB"))
+                         for p in paths])
+    except OSError as e:  # PIL's UnidentifiedImageError is one.
+      raise UserError(f"PIL cannot read an image of {data_dir}/{split} "
+                      f"({e})") from None
     out[split] = (images, labels)
   return data_lib.ArrayData(*out["train"], *out["test"], classes)
 
@@ -208,13 +211,40 @@ def initial_weights(init: str, seed: int) -> list[np.ndarray]:
 
 
 def run(fv: flags.FlagValues, argv: list[str]) -> None:
-  """Trains one cell as the parsed flags ``fv`` say and prints its RESULT.
+  """Trains one cell as the parsed flags ``fv`` say and prints its RESULT;
+  exits 2 with one error line on bad input.
 
   Args:
     fv: This script's parsed flags.
-    argv: The command line (unused).
+    argv: The command line (unused: the flags say everything).
   """
   del argv
+  try:
+    result = train_one_cell(fv)
+  except UserError as e:
+    cli.exit_with_error(str(e), status=e.exit_status)
+  print("RESULT " + " ".join(f"{k}={v}" for k, v in result.items()
+                             if k != "per_epoch")
+        + f" per_epoch={','.join(f'{a:.4f}' for a in result['per_epoch'])}",
+        flush=True)
+  if fv.json_out:
+    try:
+      with open(fv.json_out, "a", encoding="utf-8") as f:
+        f.write(json.dumps(result) + "\n")
+    except OSError as e:
+      cli.exit_with_error(f"could not append to {fv.json_out} ({e})")
+
+
+def train_one_cell(fv: flags.FlagValues) -> dict:
+  """Trains one cell as ``fv`` says.
+
+  Returns:
+    The result: the cell's settings, steps, final and per-epoch test
+    accuracy, seconds.
+
+  Raises:
+    UserError: for data that cannot be read or a batch larger than it.
+  """
   if fv.deterministic:
     tf.config.experimental.enable_op_determinism()
   start = time.time()
@@ -274,18 +304,14 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
       "optimizer_steps": int(model.optimizer.iterations.numpy()),
       "test_accuracy": accuracies[-1], "per_epoch": accuracies,
       "seconds": round(time.time() - start, 1)}
-  print("RESULT " + " ".join(f"{k}={v}" for k, v in result.items()
-                             if k != "per_epoch")
-        + f" per_epoch={','.join(f'{a:.4f}' for a in accuracies)}",
-        flush=True)
-  if fv.json_out:
-    with open(fv.json_out, "a", encoding="utf-8") as f:
-      f.write(json.dumps(result) + "\n")
+  return result
+
 
 def main(argv):
+  cli.refuse_arguments(argv[1:])
   run(FLAGS, argv)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

@@ -54,8 +54,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                       "Where the runs and their logs go (<config>_s<seed>); "
                       "none of them may exist yet (default: a new folder).",
                       flag_values=fv)
-  flags.DEFINE_string("json_out", None, "Also write every number here.",
-                      flag_values=fv)
+  cli.define_json_out(fv, "Also write every number here (JSON).")
 
 
 def _name(flagfile: str) -> str:
@@ -187,9 +186,8 @@ def run(fv: flags.FlagValues, args: list[str]) -> None:
   print(f"ratio of training seconds, {_name(candidate)} / "
         f"{_name(baseline)}: {summary['ratio']:.3f}")
   if fv.json_out:
-    from research.files import write_json
-    write_json(fv.json_out, {"runs": runs, "summary": summary,
-                             "train_args": train_args})
+    cli.write_json_or_exit(fv.json_out, {"runs": runs, "summary": summary,
+                                         "train_args": train_args})
 
 
 def main(argv):

@@ -85,8 +85,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                     "differently inside the loop's multi-step while loop than "
                     "in fit's single step, so kernels (not the algorithm) "
                     "differ in the last bit.", flag_values=fv)
-  flags.DEFINE_string("json_out", None, "Also write the full report here.",
-                      flag_values=fv)
+  cli.define_json_out(fv, "Also write the full report here (JSON).")
   flags.DEFINE_enum("inject_fault", "none", options.FAULTS,
                     "A deliberate bug in the loop, to show the check fails.",
                     flag_values=fv)
@@ -171,8 +170,7 @@ def run(fv: flags.FlagValues, argv: list[str]) -> int:
     payload["dataset"] = {"name": fv.dataset, "data_dir": fv.data_dir,
                           "train_examples": len(data.train_labels),
                           "test_examples": len(data.test_labels)}
-    from research.files import write_json
-    write_json(fv.json_out, payload)
+    cli.write_json_or_exit(fv.json_out, payload)
   return 0 if report.passed else 1
 
 

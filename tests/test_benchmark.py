@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_in_process
+from conftest import run_in_process, write_image_folder
 from research import benchmarking
 from research import model as model_lib
 from research.config import ModelConfig
@@ -41,25 +41,46 @@ def test_flop_count_of_resnet20_is_counted_the_same_way():
 
 @pytest.mark.slow
 def test_benchmark_script_reports_every_contender(tmp_path):
+  # Not CIFAR's shape: 24x24 images of 3 classes, 24 of them.
+  data = ["--dataset=folder", "--data_dir=" + write_image_folder(
+      str(tmp_path / "images"), per_class=8, size=24)]
   out = tmp_path / "bench.json"
-  proc = run_in_process("benchmark.py", "--batch_sizes=16",
+  proc = run_in_process("benchmark.py", *data, "--batch_sizes=8",
                         "--xla_batch_sizes=", "--windows=1",
-                        "--window_examples=160", "--synthetic_train_size=512",
+                        "--window_examples=80",
                         "--matmul_size=256", "--precisions=mixed_bfloat16",
                         f"--json_out={out}")
   assert proc.returncode == 0, proc.stderr
   report = json.loads(out.read_text())
-  assert report["flops_per_example"] == 25_736_448
+  forward = {  # As for the ConvNet on 32x32 (above), on 24x24, 3 classes.
+      "conv1": 2 * 22 * 22 * 3 * 3 * 3 * 32,
+      "conv2": 2 * 9 * 9 * 3 * 3 * 32 * 64,
+      "conv3": 2 * 2 * 2 * 3 * 3 * 64 * 64,
+      "dense1": 2 * 256 * 64,
+      "logits": 2 * 64 * 3,
+  }
+  assert report["flops_per_example"] == (3 * sum(forward.values()) -
+                                         forward["conv1"])
   assert set(report["matmul_gflops"]) == {"mixed_bfloat16"}
   assert report["matmul_gflops"]["mixed_bfloat16"] > 0
   (row,) = report["results"]
-  assert row["batch_size"] == 16 and row["window_steps"] == 10
+  assert row["batch_size"] == 8 and row["window_steps"] == 10
   assert row["precision"] == "mixed_bfloat16"
   assert set(row["examples_per_second"]) == {
       "loop", "loop_synthetic", "fit_default", "fit_matched"}
   assert all(len(v) == 1 and min(v) > 0
              for v in row["examples_per_second"].values())
-  assert "| mixed_bfloat16 | 16 | off |" in proc.stdout
-  proc = run_in_process("benchmark.py", "--precisions=float64")
-  assert proc.returncode == 2
-  assert "--precisions: 'float64' is not one of" in proc.stderr
+  assert "| mixed_bfloat16 | 8 | off |" in proc.stdout
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--precisions=float64", "--precisions: 'float64' is not one of"),
+    ("--batch_sizes=0", "'0' is not a positive batch size"),
+    ("--xla_batch_sizes=big", "'big' is not a positive batch size"),
+    ("--batch_sizes=64", "global batch size 64 exceeds the 32 training"),
+])
+def test_benchmark_script_refuses_bad_settings_in_one_line(flag, message):
+  proc = run_in_process("benchmark.py", "--synthetic_train_size=32", flag)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert message in proc.stderr, proc.stderr
