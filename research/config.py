@@ -258,7 +258,8 @@ class ReportingConfig:
 
   Attributes:
     histogram_every_steps: Weight and gradient histograms period (0: off).
-    eval_images: Test images shown with predictions after each evaluation.
+    eval_images: Images of each evaluated set shown with predictions after
+      each evaluation.
     profile_steps: ``(first, last)`` global steps to trace, or None.
     export: Write a serving SavedModel to ``<model_dir>/export`` at the end.
   """

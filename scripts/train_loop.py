@@ -92,8 +92,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                        "end of the loop that reaches N); 0: off.",
                        lower_bound=0, flag_values=fv)
   flags.DEFINE_integer("eval_images", 24,
-                       "Test images shown with predictions in TensorBoard "
-                       "after each evaluation (0: none).", lower_bound=0,
+                       "Images of each evaluated set shown with predictions "
+                       "in TensorBoard after each evaluation (0: none).",
+                       lower_bound=0,
                        flag_values=fv)
   flags.DEFINE_string("profile_steps", None,
                       "FIRST,LAST: record a profiler trace of these global "
