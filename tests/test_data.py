@@ -321,7 +321,14 @@ def test_replica_slices_reassemble_the_global_batch(workers, replicas):
     np.testing.assert_array_equal(np.concatenate(pieces), expected)
 
 
-@pytest.mark.parametrize("workers,replicas", [(1, 1), (1, 2), (2, 4)])
+# Each worker's real examples: the global batches (8 of 13 examples, then 5
+# and 3 padding rows) are cut into replica slices of 2 in order, and a worker
+# holds its 2 replicas' slices.
+EVAL_SHARES = {(1, 1): [range(13)], (1, 2): [range(13)],
+               (2, 4): [[0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12]]}
+
+
+@pytest.mark.parametrize("workers,replicas", sorted(EVAL_SHARES))
 def test_eval_covers_every_example_once(workers, replicas):
   data = _indexed_data(n_test=13)
   seen = []
@@ -333,7 +340,11 @@ def test_eval_covers_every_example_once(workers, replicas):
     # Every replica batch is full (the last one padded, weight 0): no
     # replica ever gets an empty batch.
     assert all(len(x) == 8 // replicas for x, _, _ in elements)
-    seen += [_ids(x.numpy())[w.numpy() == 1] for x, _, w in elements]
-    assert sum(float(np.sum(w)) for _, _, w in elements) == (
-        13 if workers == 1 else len(np.concatenate(seen[-len(elements):])))
+    real = [_ids(x.numpy())[weight.numpy() == 1]
+            for x, _, weight in elements]
+    assert sorted(np.concatenate(real)) == list(EVAL_SHARES[workers, replicas][w])
+    # Padding rows weigh 0: the weights add up to the real examples.
+    assert sum(float(np.sum(weight)) for _, _, weight in elements) == len(
+        EVAL_SHARES[workers, replicas][w])
+    seen += real
   assert sorted(np.concatenate(seen)) == list(range(13))
