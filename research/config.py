@@ -238,11 +238,7 @@ class LoopConfig:
                          f"test, or one the dataset adds), got {tuple(sets)}")
     _at_least(self, 0, "early_stopping_patience", "early_stopping_min_delta")
     if self.best_metric is not None:
-      set_name, _, metric = self.best_metric.partition("/")
-      if metric not in options.METRIC_DIRECTIONS:
-        raise ValueError(f"best_metric must be SET/METRIC with METRIC one of "
-                         f"{tuple(options.METRIC_DIRECTIONS)}, got "
-                         f"{self.best_metric!r}")
+      set_name, _ = options.split_metric(self.best_metric)
       if set_name not in self.eval_sets:
         raise ValueError(f"best_metric {self.best_metric!r} needs the set "
                          f"{set_name!r} evaluated during training; eval_sets "

@@ -24,6 +24,22 @@ RESERVED_RUN_NAMES = ("train", "evaluator", "checkpoints", "best", "export",
 # selection: --best_metric=SET/METRIC).
 METRIC_DIRECTIONS = {"accuracy": "max", "loss": "min", "nll": "min",
                      "brier": "min", "ece": "min"}
+
+
+def split_metric(metric: str) -> tuple[str, str]:
+  """``"validation/accuracy"`` -> ``("validation", "accuracy")``.
+
+  Raises:
+    ValueError: if it is not ``SET/METRIC`` with a METRIC of
+      ``METRIC_DIRECTIONS`` (whether SET exists depends on the data).
+  """
+  set_name, _, name = metric.partition("/")
+  if not set_name or name not in METRIC_DIRECTIONS:
+    raise ValueError(f"best_metric must be SET/METRIC with METRIC one of "
+                     f"{tuple(METRIC_DIRECTIONS)}, got {metric!r}")
+  return set_name, name
+
+
 # CIFAR ResNets (research/resnet.py) have 6n + 2 layers, n >= 1 blocks a
 # stage; the paper's depths are 20, 32, 44, 56 and 110.
 RESNET_DEPTH_RULE = "6n+2 with n >= 1 (20, 32, 44, 56, 110, ...)"

@@ -28,6 +28,7 @@ from research import config as config_lib
 from research import data as data_lib
 from research import figures
 from research import model as model_lib
+from research.options import METRIC_DIRECTIONS
 from research.controller import Action
 from research.controller import Evaluation
 from research.controller import TrainCall
@@ -139,21 +140,31 @@ def evaluation_scalars(result: dict[str, Any], class_names: Sequence[str]
   """One set's evaluation (``StepRunner.evaluate``) as the scalars
   TensorBoard shows: loss, accuracy, calibration, per-class accuracy (of the
   classes the set has)."""
-  scalars = {name: result[name] for name in
-             ("loss", "accuracy", "nll", "brier", "ece")}
+  scalars = {name: result[name] for name in METRIC_DIRECTIONS}
   for name, value in zip(class_names, result["class_accuracy"]):
     if np.isfinite(value):
       scalars[f"class_accuracy/{name}"] = float(value)
   return scalars
 
 
+# The keys of evaluation_summary.
+SUMMARY_KEYS = (*METRIC_DIRECTIONS, "correct", "count", "class_accuracy")
+
+
 def evaluation_summary(result: dict[str, Any], class_names: Sequence[str]
                        ) -> dict[str, Any]:
   """One set's evaluation as JSON files keep it (``metrics.json``,
-  ``best/info.json``, the sidecar's ``evaluations.json``): accuracy, loss,
-  counts, calibration and per-class accuracy."""
-  summary = {name: float(result[name]) for name in
-             ("accuracy", "loss", "nll", "brier", "ece")}
+  ``best/info.json``, the sidecar's ``evaluations.json``).
+
+  Args:
+    result: What ``StepRunner.evaluate`` returned for the set.
+    class_names: The dataset's class names.
+
+  Returns:
+    ``SUMMARY_KEYS``: the metrics (floats), ``correct`` and ``count``
+    (ints), and ``class_accuracy`` by class name.
+  """
+  summary = {name: float(result[name]) for name in METRIC_DIRECTIONS}
   summary["correct"] = int(result["correct"])
   summary["count"] = int(result["count"])
   summary["class_accuracy"] = dict(zip(

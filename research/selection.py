@@ -32,6 +32,7 @@ from research.checkpoints import CheckpointKeeper
 from research.controller import Action
 from research.controller import Evaluation
 from research.options import METRIC_DIRECTIONS
+from research.options import split_metric
 from research.reporting import evaluation_summary
 
 BEST_SUBDIR = "best"
@@ -40,9 +41,12 @@ INFO_FILE = "info.json"
 
 def parse_metric(metric: str) -> tuple[str, str, bool]:
   """``"validation/accuracy"`` -> ``("validation", "accuracy", True)``: the
-  set, the metric, and whether larger is better (the name was checked by
-  ``config.LoopConfig``)."""
-  set_name, _, name = metric.partition("/")
+  set, the metric, and whether larger is better.
+
+  Raises:
+    ValueError: for a name that is not SET/METRIC (``options.split_metric``).
+  """
+  set_name, name = split_metric(metric)
   return set_name, name, METRIC_DIRECTIONS[name] == "max"
 
 

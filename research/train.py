@@ -33,6 +33,7 @@ from research.controller import Cadence
 from research.controller import Controller
 from research.errors import UserError
 from research.files import write_json
+from research.reporting import SUMMARY_KEYS
 from research.reporting import evaluation_summary
 from research.reporting import hparams_of
 from research.run_lock import RunLock
@@ -233,9 +234,7 @@ def _final_metrics(config, data, strategy, state, cadence, actions, final, *,
   # when nothing was (evaluation left to a sidecar).
   headline = "test" if "test" in final.result else next(iter(final.result),
                                                         None)
-  headline_metrics = {f"eval_{name}": None for name in (
-      "accuracy", "loss", "correct", "count", "nll", "brier", "ece",
-      "class_accuracy")}
+  headline_metrics = {f"eval_{name}": None for name in SUMMARY_KEYS}
   if headline:
     summary = evaluation_summary(final.result[headline], data.class_names)
     headline_metrics = {f"eval_{name}": value

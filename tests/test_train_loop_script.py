@@ -23,6 +23,11 @@ SMOKE = "--flagfile=configs/smoke.flags"
 # checkpoints every 16 steps; validation each epoch, the test set at the end.
 TRAIN_STEPS = [8, 16, 24, 32, 40, 48]
 EVAL_STEPS = [16, 32, 48]
+# metrics.json's summary of the test set, and its name (None when nothing
+# was evaluated).
+HEADLINE_KEYS = {"eval_accuracy", "eval_loss", "eval_nll", "eval_brier",
+                 "eval_ece", "eval_correct", "eval_count",
+                 "eval_class_accuracy", "eval_set"}
 
 
 def _metrics(model_dir):
@@ -66,6 +71,7 @@ def test_smoke_run_writes_events_checkpoint_and_metrics(smoke_run):
       os.path.join(model_dir, "checkpoints")).endswith("ckpt-48")
   metrics = _metrics(model_dir)
   assert metrics["global_step"] == 48 and metrics["epochs"] == 3
+  assert {k for k in metrics if k.startswith("eval_")} == HEADLINE_KEYS
   assert metrics["eval_count"] == 128
   assert metrics["evaluations"]["validation"]["count"] == 64
   assert metrics["eval_accuracy"] == metrics["eval_correct"] / 128
@@ -117,7 +123,9 @@ def test_flags_after_the_flagfile_override_it(tmp_path):
   assert proc.returncode == 0, proc.stderr
   metrics = _metrics(model_dir)
   assert metrics["global_step"] == 16 and metrics["epochs"] == 1
-  assert metrics["evaluations"] == {} and metrics["eval_accuracy"] is None
+  assert metrics["evaluations"] == {}
+  assert {k: v for k, v in metrics.items() if k.startswith("eval_")} == (
+      dict.fromkeys(HEADLINE_KEYS))  # The same keys, without values.
   assert "eval " not in proc.stdout
   assert proc.stdout.strip().splitlines()[-1].startswith(
       "done: step 16 in ") and "nothing evaluated" in proc.stdout
