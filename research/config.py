@@ -64,8 +64,7 @@ class DataConfig:
   synthetic_test_size: int = 256
   resize_images: tuple[int, int] | None = None
   augment: bool = False
-  # data.DEFAULT_MAX_IMAGE_PIXELS (this module imports no TensorFlow).
-  max_image_pixels: int = 4096 * 4096
+  max_image_pixels: int = options.DEFAULT_MAX_IMAGE_PIXELS
   validation_size: int = 0
 
   def __post_init__(self):

@@ -43,6 +43,7 @@ import tensorflow as tf
 
 from research.config import DataConfig
 from research.config import is_eval_set_name
+from research.options import DEFAULT_MAX_IMAGE_PIXELS
 from research.options import EVAL_SETS
 from research.options import RESERVED_RUN_NAMES
 from research.errors import UserError
@@ -574,14 +575,6 @@ def resize_uint8(image, size: tuple[int, int], *, antialias: bool = False):
   resized = tf.image.resize(image, size, antialias=antialias)
   return tf.cast(tf.round(tf.clip_by_value(resized, 0, 255)), tf.uint8)
 
-
-# An image may claim at most this many pixels (height x width) in its header.
-# Decoding allocates height x width x channels bytes before it reads any
-# pixel data, so a file of a few kilobytes whose header claims 30000x30000
-# (a decompression bomb) would take 2.7 GB. 4096x4096 (48 MB as RGB) is far
-# above any training image; raise it with load_image_folder's
-# max_image_pixels (the folder source reads DataConfig.max_image_pixels).
-DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # image_header's reason for bytes that start like no image format it knows.

@@ -40,6 +40,22 @@ def split_metric(metric: str) -> tuple[str, str]:
   return set_name, name
 
 
+# An image may claim at most this many pixels (height x width) in its header.
+# Decoding allocates height x width x channels bytes before it reads any
+# pixel data, so a file of a few kilobytes whose header claims 30000x30000
+# (a decompression bomb) would take 2.7 GB. 4096x4096 (48 MB as RGB) is far
+# above any training image; raise it with load_image_folder's
+# max_image_pixels (the folder source reads
+# DataConfig.max_image_pixels, --max_image_pixels).
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+# 128 + SIGTERM and 128 + SIGINT, as a shell reports processes ended by
+# them: the exit statuses of a run that saved a checkpoint and stopped
+# (research.preemption; scripts/launch_local.py passes them on). Schedulers
+# such as Kubeflow's TFJob (restartPolicy: ExitCode) treat 128-255 as
+# retryable, so the job is restarted and resumes from the checkpoint.
+PREEMPTED_EXIT_STATUS = 143
+INTERRUPTED_EXIT_STATUS = 130
+
 # CIFAR ResNets (research/resnet.py) have 6n + 2 layers, n >= 1 blocks a
 # stage; the paper's depths are 20, 32, 44, 56 and 110.
 RESNET_DEPTH_RULE = "6n+2 with n >= 1 (20, 32, 44, 56, 110, ...)"

@@ -20,11 +20,8 @@ import threading
 
 import tensorflow as tf
 
-# 128 + SIGTERM, as a shell reports a process ended by SIGTERM. Schedulers
-# such as Kubeflow's TFJob (restartPolicy: ExitCode) treat 128-255 as
-# retryable, so the job is restarted and resumes from the checkpoint.
-PREEMPTED_EXIT_STATUS = 143
-INTERRUPTED_EXIT_STATUS = 130  # 128 + SIGINT.
+from research.options import INTERRUPTED_EXIT_STATUS
+from research.options import PREEMPTED_EXIT_STATUS
 
 # Stop requests by strength: the stronger wins, so one worker's Ctrl-C is
 # every worker's.

@@ -35,17 +35,17 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 import cli_common as cli  # noqa: E402  (scripts/cli_common.py)
+from research import options  # noqa: E402  (no TensorFlow)
 
 FLAGS = flags.FLAGS
 TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                             "train_loop.py")
 EVALUATE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                "evaluate.py")
-# As research.preemption (no TensorFlow here): the statuses of workers that
-# saved a checkpoint and stopped on SIGTERM or on Ctrl-C.
-PREEMPTED_EXIT_STATUS = 143
-INTERRUPTED_EXIT_STATUS = 130
-STOPPED_STATUSES = (PREEMPTED_EXIT_STATUS, INTERRUPTED_EXIT_STATUS)
+# The statuses of workers that saved a checkpoint and stopped on SIGTERM or
+# on Ctrl-C.
+STOPPED_STATUSES = (options.PREEMPTED_EXIT_STATUS,
+                    options.INTERRUPTED_EXIT_STATUS)
 
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:

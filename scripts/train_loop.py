@@ -161,7 +161,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                       "folder: resize every image to HxW (e.g. 32x32); "
                       "without it, images of mixed sizes are refused.",
                       flag_values=fv)
-  flags.DEFINE_integer("max_image_pixels", 4096 * 4096,
+  flags.DEFINE_integer("max_image_pixels", options.DEFAULT_MAX_IMAGE_PIXELS,
                        "folder: refuse an image whose header claims more "
                        "pixels (height x width) than this, before decoding "
                        "it (a decompression bomb).", lower_bound=1,
@@ -251,7 +251,7 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
     # A second Ctrl-C while the first one's checkpoint was pending.
     sys.stderr.write("aborted by a second Ctrl-C; nothing saved since the "
                      "last checkpoint; run the same command to resume\n")
-    sys.exit(preemption.INTERRUPTED_EXIT_STATUS)
+    sys.exit(options.INTERRUPTED_EXIT_STATUS)
   if metrics.get("eval_accuracy") is None:  # Nothing evaluated at the end.
     print(f"done: step {metrics['global_step']} in "
           f"{metrics['wall_seconds']:.0f}s, nothing evaluated", flush=True)

@@ -14,6 +14,7 @@ from absl import flags
 import cli_common
 import train_loop
 from conftest import REPO, read_scalars, run_in_process, run_script
+from research import config as config_lib
 from research import data as data_lib
 from research import model as model_lib
 
@@ -112,6 +113,27 @@ def test_every_config_is_a_valid_run_and_holds_out_validation(flagfile):
     assert config.loop.eval_sets == ()  # Time: the final evaluation only.
     assert config.model.flip_average
     assert config.step.mixed_precision == "mixed_bfloat16"
+
+
+def test_every_flag_default_is_the_config_default():
+  """A run from flags and the library called without them start alike."""
+  fv = flags.FlagValues()
+  train_loop.define_flags(fv)
+  # Resolved by cli_common.train_config_from_flags: the batch from
+  # --batch_size or --per_replica_batch_size, XLA's "auto" by device, the
+  # evaluation sets by --validation_size, the run folder by --run_name.
+  resolved = {"global_batch_size", "jit_compile", "eval_sets",
+              "final_eval_sets", "model_dir"}
+  compared = 0
+  for name, value in config_lib.to_flat(
+      config_lib.TrainConfig(model_dir="")).items():
+    if name in resolved:
+      continue
+    default = fv[name].default
+    assert (tuple(default) if isinstance(default, list) else default
+            ) == value, name
+    compared += 1
+  assert compared == 43
 
 
 def test_flags_after_the_flagfile_override_it(tmp_path):
