@@ -144,7 +144,7 @@ class FitContender:
         model_config, num_classes=num_classes, image_shape=image_shape,
         dtype=None if precision == "float32" else precision)
     self.model.compile(
-        optimizer=optim.make_optimizer(0.001, precision),
+        optimizer=optim.make_optimizer(OptimizerConfig(), 0.001, precision),
         loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         steps_per_execution=steps_per_execution, jit_compile=jit_compile)
     self.dataset = dataset

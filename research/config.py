@@ -328,6 +328,22 @@ def _flat_name(part: str, field: str) -> str:
   return FLAG_NAMES.get((part, field), field)
 
 
+def flat_names(part: str) -> tuple[str, ...]:
+  """The flat names (as the flags are called) of ``part``'s fields."""
+  return tuple(_flat_name(part, f.name)
+               for f in dataclasses.fields(_PART_TYPES[part]))
+
+
+def check_flat_value(part: str, name: str, value: Any) -> None:
+  """Checks one value of ``part`` given by its flat name, alone (the other
+  fields at their defaults): the part's own rules, before anything runs.
+
+  Raises:
+    ValueError: for an invalid value, as the part says it.
+  """
+  part_from_flat(part, {name: value})
+
+
 def part_from_flat(part: str, values: Mapping[str, Any]):
   """Builds one part (``"optimizer"``, ...) from flat values by field name.
 

@@ -234,15 +234,9 @@ def _keras_dtype(dtype: str):
 def _fit_optimizer(config: EquivalenceConfig, steps: int):
   """``fit``'s optimizer: the loop's settings, a fresh instance (``compile``
   adds the LossScaleOptimizer of mixed_float16 by itself)."""
-  settings = config.optimizer
-  schedule = optim.make_schedule(
-      settings.lr_schedule, base_learning_rate=settings.learning_rate,
-      total_steps=steps, warmup_steps=settings.warmup_steps,
-      decay_rate=settings.lr_decay_rate, decay_steps=settings.lr_decay_steps)
-  return optim.make_optimizer(schedule, "float32", name=settings.name,
-                              weight_decay=settings.weight_decay,
-                              momentum=settings.momentum,
-                              nesterov=settings.nesterov)
+  return optim.make_optimizer(
+      config.optimizer,
+      optim.make_schedule(config.optimizer, total_steps=steps), "float32")
 
 
 def _run_loop(config, data, strategy, initial_weights, train_dataset,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from research.options import LR_SCHEDULES, OPTIMIZERS
+from research.config import OptimizerConfig
 
 
 class LinearWarmup(tf.keras.optimizers.schedules.LearningRateSchedule):
@@ -57,43 +57,29 @@ class _Constant(tf.keras.optimizers.schedules.LearningRateSchedule):
     return {"value": self.value}
 
 
-def make_schedule(name: str, *, base_learning_rate: float, total_steps: int,
-                  warmup_steps: int = 0, decay_rate: float = 0.1,
-                  decay_steps: int = 0):
+def make_schedule(config: OptimizerConfig, *, total_steps: int):
   """The learning rate of a run: a float, or a schedule of the step.
 
   ``constant`` without warmup is a plain float, so the optimizer holds it in
   a variable exactly as ``model.fit``'s optimizer does.
 
   Args:
-    name: One of ``LR_SCHEDULES``.
-    base_learning_rate: The peak rate (reached at the end of warmup).
+    config: The schedule's settings, validated by ``OptimizerConfig``:
+      ``lr_schedule``; ``learning_rate``, the peak, reached at the end of
+      ``warmup_steps`` of linear warmup (fewer than ``total_steps``:
+      ``train.cadence_of`` refuses a run where they are not);
+      ``lr_decay_rate``, the ``step``/``exponential`` factor per
+      ``lr_decay_steps`` steps (0: a third of the post-warmup steps for
+      ``step``, two drops; all of them for ``exponential``, the rate
+      reached at the end).
     total_steps: Optimizer steps in the whole run.
-    warmup_steps: Steps of linear warmup (may be 0).
-    decay_rate: ``step``/``exponential``: factor per ``decay_steps``.
-    decay_steps: ``step``/``exponential``: steps per factor of
-      ``decay_rate``; 0 means a third of the post-warmup steps for ``step``
-      (two drops) and all of them for ``exponential`` (``decay_rate`` reached
-      at the end).
 
   Returns:
     A float or a ``LearningRateSchedule``.
-
-  Raises:
-    ValueError: for an unknown name or out-of-range numbers.
   """
-  if name not in LR_SCHEDULES:
-    raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got "
-                     f"{name!r}")
-  if not base_learning_rate > 0:
-    raise ValueError(f"learning_rate must be > 0, got {base_learning_rate}")
-  if not 0 <= warmup_steps < max(total_steps, 1):
-    raise ValueError(f"warmup_steps must be in [0, {total_steps}) (the "
-                     f"run's steps), got {warmup_steps}")
-  if not 0 < decay_rate <= 1:
-    raise ValueError(f"lr_decay_rate must be in (0, 1], got {decay_rate}")
-  if decay_steps < 0:
-    raise ValueError(f"lr_decay_steps must be >= 0, got {decay_steps}")
+  name, base_learning_rate = config.lr_schedule, config.learning_rate
+  warmup_steps = config.warmup_steps
+  decay_rate, decay_steps = config.lr_decay_rate, config.lr_decay_steps
   if name == "constant" and not warmup_steps:
     return base_learning_rate
   decay_total = max(total_steps - warmup_steps, 1)
@@ -113,10 +99,8 @@ def make_schedule(name: str, *, base_learning_rate: float, total_steps: int,
                       after=after)
 
 
-def make_optimizer(learning_rate, mixed_precision: str = "float32", *,
-                   name: str = "adam", weight_decay: float = 0.0,
-                   momentum: float = 0.9, nesterov: bool = False,
-                   ema_decay: float = 0.0
+def make_optimizer(config: OptimizerConfig, learning_rate,
+                   mixed_precision: str = "float32"
                    ) -> tf.keras.optimizers.Optimizer:
   """A Keras optimizer, wrapped in a ``LossScaleOptimizer`` for float16.
 
@@ -124,31 +108,22 @@ def make_optimizer(learning_rate, mixed_precision: str = "float32", *,
   float32's, so it needs none. Create it under ``strategy.scope()``.
 
   Args:
+    config: The optimizer's settings (validated by ``OptimizerConfig``):
+      ``name`` ``adam``, ``adamw`` (Adam with decoupled weight decay) or
+      ``sgd`` (with ``momentum``, optionally ``nesterov``);
+      ``weight_decay``, decoupled, per step, times the learning rate (Keras'
+      ``weight_decay``; ``adamw`` and ``adam`` with the same value are the
+      same update); ``ema_decay``: if > 0, the optimizer also keeps an
+      exponential moving average of the weights (Keras' ``use_ema``): after
+      each applied update ``average = d * average + (1 - d) * weight``, and
+      ``average = weight`` after the first. ``averaged_weights`` reads it.
+      Its ``learning_rate`` is not used: ``learning_rate`` is.
     learning_rate: A float or a schedule (``make_schedule``).
     mixed_precision: The Keras dtype policy of the model.
-    name: ``adam``, ``adamw`` (Adam with decoupled weight decay) or ``sgd``
-      (with ``momentum``, optionally Nesterov's).
-    weight_decay: Decoupled weight decay per step, times the learning rate
-      (Keras' ``weight_decay``); 0 turns it off. ``adamw`` and ``adam`` with
-      the same value are the same update.
-    momentum: ``sgd`` only.
-    nesterov: ``sgd`` only.
-    ema_decay: If > 0, the optimizer also keeps an exponential moving
-      average of the weights (Keras' ``use_ema``): after each applied update
-      ``average = d * average + (1 - d) * weight``, and ``average = weight``
-      after the first. ``averaged_weights`` reads it.
-
-  Raises:
-    ValueError: for an unknown name or a number out of range.
   """
-  if name not in OPTIMIZERS:
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
-  if weight_decay < 0:
-    raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-  if not 0 <= momentum < 1:
-    raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-  if not 0 <= ema_decay < 1:
-    raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+  name, weight_decay = config.name, config.weight_decay
+  momentum, nesterov = config.momentum, config.nesterov
+  ema_decay = config.ema_decay
   decay = weight_decay or None
   # Keras' own average: updated inside apply(), so a skipped step skips it
   # too, under any strategy (its TensorFlow backend updates each replica's

@@ -136,18 +136,10 @@ def build_training(*, strategy: tf.distribute.Strategy,
           "replicas is not supported here: the statistics' all-reduce "
           "would sit inside the compiled forward pass; pass "
           "--jit_compile=false, or --nosync_batch_norm")
-    learning_rate = optim.make_schedule(
-        optimizer_config.lr_schedule,
-        base_learning_rate=optimizer_config.learning_rate,
-        total_steps=total_steps, warmup_steps=optimizer_config.warmup_steps,
-        decay_rate=optimizer_config.lr_decay_rate,
-        decay_steps=optimizer_config.lr_decay_steps)
-    optimizer = optim.make_optimizer(
-        learning_rate, precision, name=optimizer_config.name,
-        weight_decay=optimizer_config.weight_decay,
-        momentum=optimizer_config.momentum,
-        nesterov=optimizer_config.nesterov,
-        ema_decay=optimizer_config.ema_decay)
+    learning_rate = optim.make_schedule(optimizer_config,
+                                        total_steps=total_steps)
+    optimizer = optim.make_optimizer(optimizer_config, learning_rate,
+                                     precision)
     optimizer.build(model.trainable_variables)
     # The runner all-reduces the gradients itself (their global norm and
     # clipping need the sum), so the optimizer must not sum them again.

@@ -153,6 +153,31 @@ def write_json_or_exit(path: str, payload) -> None:
     exit_with_error(str(e), status=e.exit_status)
 
 
+def register_config_validators(fv: flags.FlagValues, part: str,
+                               names: tuple[str, ...] | None = None) -> None:
+  """Checks the flags that set fields of the config ``part`` (``optimizer``,
+  ...) by that part's own rules (``config``), when they are parsed.
+
+  Args:
+    fv: The script's flags.
+    part: The config part.
+    names: Its flags to check (default: all of ``fv``'s that it has).
+  """
+  from research import config as config_lib  # No TensorFlow.
+
+  def check(part, name, value):
+    try:
+      config_lib.check_flat_value(part, name, value)
+    except ValueError as e:
+      raise flags.ValidationError(str(e)) from None
+    return True
+
+  for name in names or [n for n in config_lib.flat_names(part) if n in fv]:
+    flags.register_validator(
+        name, lambda value, name=name: check(part, name, value),
+        flag_values=fv)
+
+
 def register_validators(fv: flags.FlagValues) -> None:
   """Validators of the training flags, checked before anything runs."""
   flags.register_validator(
@@ -163,13 +188,9 @@ def register_validators(fv: flags.FlagValues) -> None:
       "batch_size", lambda v: v is not None and v >= 1,
       message="--batch_size must be a positive global batch size",
       flag_values=fv)
-  flags.register_validator(
-      "learning_rate", lambda v: v is not None and v > 0,
-      message="--learning_rate must be > 0", flag_values=fv)
-
-  flags.register_validator(
-      "lr_decay_rate", lambda v: v is not None and 0 < v <= 1,
-      message="--lr_decay_rate must be in (0, 1]", flag_values=fv)
+  register_config_validators(fv, "optimizer")
+  register_config_validators(fv, "step",
+                             ("label_smoothing", "clip_grad_norm"))
 
   def data_dir_ok(data_dir):
     if data_dir and not os.path.exists(data_dir):

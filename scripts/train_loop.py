@@ -57,36 +57,33 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_float("weight_decay", 0.0,
                      "Decoupled weight decay (x learning rate per step); "
                      "adamw's, or Keras' for adam and sgd. 0: off.",
-                     lower_bound=0.0, flag_values=fv)
-  flags.DEFINE_float("momentum", 0.9, "sgd: momentum.", lower_bound=0.0,
-                     upper_bound=0.999999, flag_values=fv)
+                     flag_values=fv)
+  flags.DEFINE_float("momentum", 0.9, "sgd: momentum.", flag_values=fv)
   flags.DEFINE_bool("nesterov", False, "sgd: Nesterov momentum.",
                     flag_values=fv)
   flags.DEFINE_float("ema_decay", 0.0,
                      "Keep an exponential moving average of the weights with "
                      "this decay (e.g. 0.999); evaluation, --best_metric and "
-                     "the export use it. 0: off.", lower_bound=0.0,
-                     upper_bound=0.999999, flag_values=fv)
+                     "the export use it. 0: off.", flag_values=fv)
   flags.DEFINE_enum("lr_schedule", "constant", options.LR_SCHEDULES,
                     "Learning-rate decay over the whole run, after warmup "
                     "(formulas in research/optim.py).", flag_values=fv)
   flags.DEFINE_integer("warmup_steps", 0,
                        "Linear warmup from ~0 to --learning_rate.",
-                       lower_bound=0, flag_values=fv)
+                       flag_values=fv)
   flags.DEFINE_float("lr_decay_rate", 0.1,
                      "step/exponential: factor per --lr_decay_steps.",
-                     lower_bound=0.0, upper_bound=1.0, flag_values=fv)
+                     flag_values=fv)
   flags.DEFINE_integer("lr_decay_steps", 0,
                        "step/exponential: steps per --lr_decay_rate (0: step "
                        "drops at 1/3 and 2/3 of training, exponential reaches "
-                       "the rate at the end).", lower_bound=0, flag_values=fv)
+                       "the rate at the end).", flag_values=fv)
   flags.DEFINE_float("label_smoothing", 0.0,
                      "Smoothing of the training targets (eval loss stays the "
-                     "plain cross-entropy).", lower_bound=0.0,
-                     upper_bound=0.999, flag_values=fv)
+                     "plain cross-entropy).", flag_values=fv)
   flags.DEFINE_float("clip_grad_norm", 0.0,
                      "Clip the global gradient (over all replicas) to this "
-                     "L2 norm; 0: off.", lower_bound=0.0, flag_values=fv)
+                     "L2 norm; 0: off.", flag_values=fv)
   flags.DEFINE_integer("histogram_every_steps", 0,
                        "Weight and gradient histograms every N steps (at the "
                        "end of the loop that reaches N); 0: off.",

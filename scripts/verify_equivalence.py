@@ -62,11 +62,12 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                     "Learning-rate schedule over --steps on both sides.",
                     flag_values=fv)
   flags.DEFINE_integer("warmup_steps", 0, "Linear warmup steps.",
-                       lower_bound=0, flag_values=fv)
+                       flag_values=fv)
   flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay.",
-                     lower_bound=0.0, flag_values=fv)
+                     flag_values=fv)
   flags.DEFINE_float("learning_rate", 0.001, "Base learning rate.",
                      flag_values=fv)
+  cli.register_config_validators(fv, "optimizer")
   flags.DEFINE_integer("seed", 0, "Seed of initialization and data order.",
                        flag_values=fv)
   flags.DEFINE_enum("dtype", "auto",

@@ -40,9 +40,9 @@ def _expected_rate(name, step, *, base, total, warmup, rate=0.1, every=0):
     ("constant", 0), ("cosine", 0), ("step", 0), ("step", 7),
     ("exponential", 0), ("exponential", 10)])
 def test_schedules_follow_their_formulas(name, every):
-  schedule = optim.make_schedule(name, base_learning_rate=0.5,
-                                 total_steps=100, warmup_steps=10,
-                                 decay_rate=0.1, decay_steps=every)
+  schedule = optim.make_schedule(OptimizerConfig(
+      lr_schedule=name, learning_rate=0.5, warmup_steps=10, lr_decay_rate=0.1,
+      lr_decay_steps=every), total_steps=100)
   for step in (0, 4, 9, 10, 11, 30, 43, 66, 67, 99):
     np.testing.assert_allclose(
         float(schedule(step)),
@@ -52,18 +52,20 @@ def test_schedules_follow_their_formulas(name, every):
 
 
 def test_constant_without_warmup_is_a_plain_rate_and_bad_values_are_named():
-  assert optim.make_schedule("constant", base_learning_rate=0.1,
+  assert optim.make_schedule(OptimizerConfig(learning_rate=0.1),
                              total_steps=10) == 0.1
+  # OptimizerConfig is the one place of these rules (the flags use it too:
+  # tests/test_train_loop_script.py).
   for kwargs, message in [
-      (dict(warmup_steps=10), "warmup_steps must be in [0, 10)"),
-      (dict(decay_rate=0.0), "lr_decay_rate must be in (0, 1], got 0.0"),
-      (dict(decay_steps=-1), "lr_decay_steps must be >= 0, got -1")]:
+      (dict(learning_rate=0.0), "learning_rate must be > 0, got 0.0"),
+      (dict(lr_decay_rate=0.0), "lr_decay_rate must be in (0, 1], got 0.0"),
+      (dict(lr_decay_steps=-1), "lr_decay_steps must be >= 0, got -1"),
+      (dict(momentum=1.0), "momentum must be in [0, 1), got 1.0"),
+      (dict(ema_decay=-0.5), "ema_decay must be in [0, 1), got -0.5"),
+      (dict(name="lamb"), "name must be one of")]:
     with pytest.raises(ValueError, match=message.replace("(", r"\(")
                        .replace(")", r"\)").replace("[", r"\[")):
-      optim.make_schedule("cosine", base_learning_rate=0.1, total_steps=10,
-                          **kwargs)
-  with pytest.raises(ValueError, match="optimizer must be one of"):
-    optim.make_optimizer(0.1, name="lamb")
+      OptimizerConfig(lr_schedule="cosine", **kwargs)
 
 
 def _run(tmp_path, name, **overrides):
