@@ -263,7 +263,9 @@ def evaluate_continuously(model_dir: str, *,
   out_dir = os.path.join(model_dir, EVALUATOR_SUBDIR)
   results_path = os.path.join(out_dir, EVALUATIONS_FILE)
   checkpoint_dir = os.path.join(model_dir, checkpoints_lib.CHECKPOINTS_SUBDIR)
-  with RunLock(out_dir, holder="evaluator"):
+  with RunLock(out_dir, holder="evaluator",
+               named=f"the {EVALUATOR_SUBDIR}/ folder of --model_dir="
+                     f"{data_lib.display_path(model_dir)}"):
     records = files.read_json(
         results_path, fix="delete it to evaluate every checkpoint again") or []
     done = max((r["step"] for r in records), default=-1)

@@ -19,9 +19,7 @@ import errno
 import fcntl
 import logging
 import os
-import shlex
 import socket
-import sys
 
 from research.errors import UserError
 
@@ -31,19 +29,23 @@ LOCK_FILE = ".lock"
 class RunLock:
   """The exclusive lock of one run directory (a context manager)."""
 
-  def __init__(self, model_dir: str, *, argv: list[str] | None = None,
-               holder: str = "trainer"):
+  def __init__(self, model_dir: str, *, command: str = "",
+               holder: str = "trainer", named: str | None = None):
     """Args:
       model_dir: The run directory (created if missing), or the folder of
         another sole writer (a sidecar evaluator's).
-      argv: The holder's command line, for a second trainer's message
-        (default: ``sys.argv``).
+      command: The holder's command line (shell-quoted), recorded for the
+        message of a process refused while it holds the lock; "" records
+        only its host, pid and start.
       holder: What holds the lock, for that message.
+      named: How that message names ``model_dir`` (default:
+        ``--model_dir=<model_dir>``, which it then advises changing).
     """
     self.path = os.path.join(model_dir, LOCK_FILE)
     self.model_dir = model_dir
-    self.argv = list(sys.argv if argv is None else argv)
+    self.command = command
     self.holder = holder
+    self.named = named
     self._file = None
 
   def acquire(self) -> None:
@@ -64,9 +66,10 @@ class RunLock:
         holder = " ".join(lock_file.read().split()) or "another process"
         lock_file.close()
         raise UserError(
-            f"--model_dir={self.model_dir} is in use by another "
-            f"{self.holder} ({holder}); wait for it to finish or stop it, or "
-            f"pass another --model_dir") from None
+            f"{self.named or f'--model_dir={self.model_dir}'} is in use by "
+            f"another {self.holder} ({holder}); wait for it to finish or "
+            f"stop it" + ("" if self.named else ", or pass another "
+                          "--model_dir")) from None
       # ENOLCK, EOPNOTSUPP, ...: this filesystem cannot lock.
       logging.warning("cannot lock %s (%s): the filesystem does not support "
                       "locks; make sure no other trainer uses this run",
@@ -78,7 +81,8 @@ class RunLock:
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds")
     lock_file.write(f"host {socket.gethostname()}, pid {os.getpid()}, "
-                    f"started {started}: {shlex.join(self.argv)}\n")
+                    f"started {started}"
+                    f"{': ' + self.command if self.command else ''}\n")
     lock_file.flush()
     self._file = lock_file
 

@@ -161,7 +161,9 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
   with contextlib.ExitStack() as held:
     if chief:
       # One writer per run directory, from its first write to its last.
-      held.enter_context(RunLock(config.model_dir))
+      held.enter_context(RunLock(
+          config.model_dir,
+          command=run_record["command"] if run_record else ""))
       export_lib.recover_interrupted_export(
           os.path.join(config.model_dir, export_lib.EXPORT_SUBDIR))
       _write_run_files(config, data, run_files, run_record and {

@@ -30,7 +30,7 @@ def _snapshot(root):
 def test_a_held_run_is_refused_naming_its_holder_and_left_untouched(
     tmp_path):
   model_dir = str(tmp_path / "run")
-  with RunLock(model_dir, argv=["train_loop.py", "--flag=1"]):
+  with RunLock(model_dir, command="train_loop.py --flag=1"):
     before = _snapshot(model_dir)
     proc = run_in_process("train_loop.py", *SMOKE,
                           f"--model_dir={model_dir}")
@@ -114,3 +114,16 @@ def test_a_second_trainer_on_a_running_run_exits_2_and_the_first_finishes(
     assert len(json.load(f)["invocations"]) == 1
   for split in ("train", "test"):
     assert len(os.listdir(os.path.join(model_dir, split))) == 1
+
+
+def test_a_second_holder_is_told_the_folder_as_the_user_named_it(tmp_path):
+  folder = str(tmp_path / "run" / "evaluator")
+  named = f"the evaluator/ folder of --model_dir={tmp_path / 'run'}"
+  with RunLock(folder, holder="evaluator", named=named):
+    with pytest.raises(UserError) as e:
+      RunLock(folder, holder="evaluator", named=named).acquire()
+  message = str(e.value)
+  assert message.startswith(f"{named} is in use by another evaluator (host ")
+  assert f"pid {os.getpid()}, started " in message
+  # No command was recorded, and no other --model_dir to pass.
+  assert message.endswith("); wait for it to finish or stop it"), message
