@@ -965,6 +965,14 @@ def steps_per_epoch(num_examples: int, global_batch_size: int,
                     drop_remainder: bool) -> int:
   """Number of training steps in one epoch.
 
+  Args:
+    num_examples: Training examples.
+    global_batch_size: Examples per step over all replicas.
+    drop_remainder: Whether the last short batch is dropped.
+
+  Returns:
+    The steps, at least 1.
+
   Raises:
     UserError: if no full batch fits and the remainder is dropped.
   """

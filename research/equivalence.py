@@ -158,6 +158,7 @@ class Report:
   failures: list[str]
 
   def to_json(self) -> dict:
+    """The whole report as JSON-ready values (``--json_out``)."""
     out = dataclasses.asdict(self)
     out["tolerance"] = dataclasses.asdict(self.tolerance)
     return out

@@ -56,7 +56,14 @@ def parse_flags_or_exit(argv: list[str],
 def define_data_flags(fv: flags.FlagValues, *, default_dataset: str,
                       synthetic_train_size: int,
                       synthetic_test_size: int) -> None:
-  """Defines --dataset, --data_dir and the synthetic sizes on ``fv``."""
+  """Defines --dataset, --data_dir and the synthetic sizes on ``fv``.
+
+  Args:
+    fv: The script's flags.
+    default_dataset: ``--dataset``'s default.
+    synthetic_train_size: ``--synthetic_train_size``'s default.
+    synthetic_test_size: ``--synthetic_test_size``'s default.
+  """
   # Registry names are checked when the registry is read (research.data
   # needs TensorFlow, which loads only after the flags are valid).
   flags.DEFINE_string("dataset", default_dataset,
@@ -214,6 +221,12 @@ def register_validators(fv: flags.FlagValues) -> None:
 def resolve_model_dir(fv: flags.FlagValues) -> str:
   """``--model_dir``, or ``logs/<run_name>``; created if missing.
 
+  Args:
+    fv: The parsed flags (``--model_dir``, ``--run_name``, ``--dataset``).
+
+  Returns:
+    The run directory, checked writable with room for checkpoints.
+
   Raises:
     UserError: if it cannot be created, or its name is not valid UTF-8
       (TensorFlow could not write into it; refused before it is created).
@@ -263,6 +276,15 @@ def train_config_from_flags(fv: flags.FlagValues, *, model_dir: str, strategy):
   batch size, XLA, the profile steps, the image size and the evaluation
   sets (``config.default_eval_sets`` when not given; none when given empty
   or with ``--noeval_in_loop``).
+
+  Args:
+    fv: The parsed training flags (scripts/train_loop.py's).
+    model_dir: The run directory (``resolve_model_dir``).
+    strategy: The run's ``tf.distribute`` strategy (its replica count and
+      devices resolve the batch and XLA).
+
+  Returns:
+    The validated ``config.TrainConfig``.
 
   Raises:
     UserError: if the global batch does not divide over the replicas, or

@@ -116,6 +116,8 @@ def _pump(name: str, stream, out) -> None:
 
 
 def describe_status(code: int) -> str:
+  """A worker's exit code as a message says it, e.g. ``status -9 (killed
+  by SIGKILL)`` for a negative (signal) code, else ``status 1``."""
   if code < 0:
     return f"status {code} (killed by {signal.Signals(-code).name})"
   return f"status {code}"
