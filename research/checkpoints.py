@@ -294,9 +294,9 @@ class CheckpointKeeper:
       except (tf.errors.OpError, OSError) as e:
         raise UserError(
             f"could not save the checkpoint of step {step} in "
-            f"{self.directory} ({data_lib.describe_error(e)}); the earlier checkpoints "
-            f"are intact: free space or fix the folder, then re-run the "
-            f"same command to resume") from None
+            f"{self.directory} ({data_lib.describe_error(e)}); the earlier "
+            f"checkpoints are intact: free space or fix the folder, then "
+            f"re-run the same command to resume") from None
     scratch = tempfile.mkdtemp(prefix="worker_ckpt_")
     try:
       return self.checkpoint.write(os.path.join(scratch, f"ckpt-{step}"))

@@ -34,7 +34,8 @@ def _one_error_line(proc) -> str:
 @pytest.mark.parametrize("where", ["missing_folder", "a_folder"])
 def test_a_json_out_that_cannot_be_written_is_refused_first(tmp_path, script,
                                                              where):
-  path = tmp_path / "no" / "such.json" if where == "missing_folder" else tmp_path
+  path = (tmp_path / "no" / "such.json" if where == "missing_folder"
+          else tmp_path)
   proc = run_in_process(script, *JSON_OUT_SCRIPTS[script],
                         f"--json_out={path}")
   line = _one_error_line(proc)

@@ -340,11 +340,12 @@ def test_eval_covers_every_example_once(workers, replicas):
     # Every replica batch is full (the last one padded, weight 0): no
     # replica ever gets an empty batch.
     assert all(len(x) == 8 // replicas for x, _, _ in elements)
+    share = list(EVAL_SHARES[workers, replicas][w])
     real = [_ids(x.numpy())[weight.numpy() == 1]
             for x, _, weight in elements]
-    assert sorted(np.concatenate(real)) == list(EVAL_SHARES[workers, replicas][w])
+    assert sorted(np.concatenate(real)) == share
     # Padding rows weigh 0: the weights add up to the real examples.
     assert sum(float(np.sum(weight)) for _, _, weight in elements) == len(
-        EVAL_SHARES[workers, replicas][w])
+        share)
     seen += real
   assert sorted(np.concatenate(seen)) == list(range(13))
