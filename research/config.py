@@ -52,6 +52,9 @@ class DataConfig:
     synthetic_test_size: ``synthetic``: test examples.
     resize_images: ``folder``: ``(height, width)`` to resize every image to.
     augment: Random crop (4-pixel padding) and horizontal flip in training.
+    cutout: With ``augment``, also zero a ``cutout`` x ``cutout`` square of
+      each training image, its center uniform over the image (clipped at
+      the borders; DeVries and Taylor 2017); 0 for none.
     max_image_pixels: ``folder``: refuse an image whose header claims more
       pixels (height x width), before decoding it (a decompression bomb).
     validation_size: Training examples held out as the ``validation`` set
@@ -64,13 +67,17 @@ class DataConfig:
   synthetic_test_size: int = 256
   resize_images: tuple[int, int] | None = None
   augment: bool = False
+  cutout: int = 0
   max_image_pixels: int = options.DEFAULT_MAX_IMAGE_PIXELS
   validation_size: int = 0
 
   def __post_init__(self):
     _at_least(self, 1, "synthetic_train_size", "synthetic_test_size",
               "max_image_pixels")
-    _at_least(self, 0, "validation_size")
+    _at_least(self, 0, "validation_size", "cutout")
+    if self.cutout and not self.augment:
+      raise ValueError("cutout is part of the training augmentation: it "
+                       "needs augment (--augment)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1032,9 +1032,9 @@ def to_float(images_u8):
   return tf.cast(images_u8, tf.float32) * (1.0 / 255.0)
 
 
-def preprocess(pixels, offsets=None, flips=None):
+def preprocess(pixels, offsets=None, flips=None, boxes=None):
   """The model's input from uint8 pixels: augmented if ``offsets``/``flips``
-  are given, then ``to_float``.
+  (and ``boxes``) are given, then ``to_float``.
 
   The input pipeline applies it on the host, or the step on its device
   (``make_train_dataset(preprocess=False)``): four times fewer bytes cross
@@ -1046,13 +1046,28 @@ def preprocess(pixels, offsets=None, flips=None):
     offsets: int32 ``[b, 2]``: each crop's top-left corner in the padded
       image; None for no augmentation.
     flips: bool ``[b]``: flip horizontally.
+    boxes: int32 ``[b, 4]``: ``(top, left, bottom, right)`` of each
+      image's cutout, zeroed after the crop and flip; None for none.
 
   Returns:
     float32 ``[b, H, W, C]`` in [0, 1].
   """
   if offsets is not None:
     pixels = _augment(pixels, offsets, flips)
+  if boxes is not None:
+    pixels = _cut_out(pixels, boxes)
   return to_float(pixels)
+
+
+def _cut_out(images, boxes):
+  """Zeroes rows ``[top, bottom)`` x columns ``[left, right)`` of each
+  image (``boxes``: ``[b, 4]``)."""
+  rows = tf.range(images.shape[1])[None, :]
+  cols = tf.range(images.shape[2])[None, :]
+  in_rows = (rows >= boxes[:, 0:1]) & (rows < boxes[:, 2:3])
+  in_cols = (cols >= boxes[:, 1:2]) & (cols < boxes[:, 3:4])
+  inside = in_rows[:, :, None] & in_cols[:, None, :]
+  return tf.where(inside[..., None], tf.zeros_like(images), images)
 
 
 def _augment(images, offsets, flips):
@@ -1070,6 +1085,7 @@ def _augment(images, offsets, flips):
 def make_train_dataset(data: ArrayData, *, global_batch_size: int, seed: int,
                        num_epochs: int, start_step: int = 0,
                        drop_remainder: bool = True, augment: bool = False,
+                       cutout: int = 0,
                        input_context: tf.distribute.InputContext | None = None,
                        preprocess_in_pipeline: bool = True
                        ) -> tf.data.Dataset:
@@ -1083,20 +1099,29 @@ def make_train_dataset(data: ArrayData, *, global_batch_size: int, seed: int,
     start_step: Global step to start at (a resumed run's step).
     drop_remainder: Drop each epoch's last short batch.
     augment: Random crop (4-pixel zero padding) and horizontal flip.
+    cutout: With ``augment``, also zero a ``cutout`` x ``cutout`` square
+      of each image, centered uniformly over it (clipped at the borders);
+      0 for none.
     input_context: From ``distribute_datasets_from_function``; None yields
       whole global batches (what ``model.fit`` takes).
     preprocess_in_pipeline: Apply ``preprocess`` here. False leaves it to
       the step, on its device (``distribute.preprocesses_on_device``): the
       elements are then the uint8 pixels, the labels and, with ``augment``,
-      the drawn ``offsets`` and ``flips``.
+      the drawn ``offsets`` and ``flips`` (and cutout ``boxes``).
 
   Returns:
     A dataset of ``(images float32 [b, H, W, C] in [0, 1], labels int32 [b])``
     with ``b`` the per-replica batch size (global when no input context);
     without ``preprocess_in_pipeline``, of ``(pixels uint8, labels[,
-    offsets, flips])``. The same seed gives the same augmented images
-    either way.
+    offsets, flips[, boxes]])``. The same seed gives the same augmented
+    images either way.
+
+  Raises:
+    UserError: if no full batch fits (and short batches are dropped).
+    ValueError: for ``cutout`` without ``augment``.
   """
+  if cutout and not augment:
+    raise ValueError("cutout needs augment")
   n = len(data.train_labels)
   spe = steps_per_epoch(n, global_batch_size, drop_remainder)
   start_epoch, skip = divmod(start_step, spe)
@@ -1118,7 +1143,16 @@ def make_train_dataset(data: ArrayData, *, global_batch_size: int, seed: int,
         dtype=tf.int32)
     flips = tf.random.stateless_uniform(
         [size], step_seed + [0, 1 << 40]) < 0.5
-    return index, offsets, flips
+    if not cutout:
+      return index, offsets, flips
+    height, width = data.image_shape[:2]
+    # Uniform integers in [0, side): the op takes scalar bounds only.
+    centers = tf.cast(tf.floor(tf.random.stateless_uniform(
+        [size, 2], step_seed + [0, 2 << 40]) * [height, width]), tf.int32)
+    corners = centers - cutout // 2
+    boxes = tf.concat([tf.maximum(corners, 0),
+                       tf.minimum(corners + cutout, [height, width])], axis=1)
+    return index, offsets, flips, boxes
 
   ds = (tf.data.Dataset.range(start_epoch, num_epochs)
         .flat_map(epoch_batches)

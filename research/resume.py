@@ -28,7 +28,7 @@ METRICS_FILE = "metrics.json"
 # Flat names (as the flags) whose change makes the run another experiment.
 REFUSED = (
     "dataset", "data_dir", "synthetic_train_size", "synthetic_test_size",
-    "resize_images", "augment", "seed", "global_batch_size",
+    "resize_images", "augment", "cutout", "seed", "global_batch_size",
     "keep_short_batch", "model", "l2", "dropout",
     "resnet_depth", "sync_batch_norm", "mixed_precision", "optimizer",
     "weight_decay", "momentum", "nesterov", "lr_schedule", "warmup_steps",

@@ -180,7 +180,8 @@ def train(config: TrainConfig, *, strategy: tf.distribute.Strategy,
                 seed=config.seed, num_epochs=config.loop.epochs,
                 start_step=state.step,
                 drop_remainder=not config.step.keep_short_batch,
-                augment=config.data.augment, input_context=context,
+                augment=config.data.augment, cutout=config.data.cutout,
+                input_context=context,
                 preprocess_in_pipeline=in_pipeline)),
         eval_datasets={
             name: _eval_dataset(config, data, strategy, name, in_pipeline)

@@ -151,6 +151,11 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_bool("augment", False,
                     "Random crop (4-pixel padding) and horizontal flip.",
                     flag_values=fv)
+  flags.DEFINE_integer("cutout", 0,
+                       "With --augment: also zero a random SIZE x SIZE square "
+                       "of each training image (cutout; its center uniform "
+                       "over the image, clipped at the borders). 0: none.",
+                       flag_values=fv)
   flags.DEFINE_bool("keep_short_batch", False,
                     "Keep each epoch's last short training batch.",
                     flag_values=fv)

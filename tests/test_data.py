@@ -170,9 +170,11 @@ def test_train_pipeline_values_and_short_batch():
     data_lib.steps_per_epoch(4, 8, True)
 
 
-def test_resuming_at_a_step_replays_exactly_the_rest():
+@pytest.mark.parametrize("cutout", [0, 5])
+def test_resuming_at_a_step_replays_exactly_the_rest(cutout):
   data = _indexed_data()
-  kwargs = dict(global_batch_size=8, seed=2, num_epochs=3, augment=True)
+  kwargs = dict(global_batch_size=8, seed=2, num_epochs=3, augment=True,
+                cutout=cutout)
   full = [x.numpy() for x, _ in data_lib.make_train_dataset(data, **kwargs)]
   for start in (0, 3, 5, 7, 14):
     rest = [x.numpy() for x, _ in data_lib.make_train_dataset(
@@ -216,6 +218,37 @@ def test_augmentation_crops_and_flips_within_padding():
         for r in range(9) for c in range(9))
     assert found
   assert not np.array_equal(x, xa)
+
+
+def test_cutout_zeroes_one_clipped_square_of_the_augmented_image():
+  data = data_lib.make_synthetic(num_train=64, num_test=8, seed=0)
+  data = data_lib.ArrayData(np.maximum(data.train_images, 1),  # No 0 yet.
+                            data.train_labels, data.test_images,
+                            data.test_labels, data.class_names)
+  kwargs = dict(global_batch_size=64, seed=1, num_epochs=1, augment=True)
+  xa, _ = next(iter(data_lib.make_train_dataset(data, **kwargs)))
+  xc, _ = next(iter(data_lib.make_train_dataset(data, cutout=8, **kwargs)))
+  pixels, _, offsets, flips, boxes = next(iter(data_lib.make_train_dataset(
+      data, cutout=8, preprocess_in_pipeline=False, **kwargs)))
+  # The step's path (on a device) gives the pipeline's images.
+  np.testing.assert_array_equal(
+      data_lib.preprocess(pixels, offsets, flips, boxes).numpy(), xc)
+  xa, xc, boxes = xa.numpy(), xc.numpy(), boxes.numpy()
+  # The same crops and flips; then the box, and only the box, is zero.
+  for image, cut, (top, left, bottom, right) in zip(xa, xc, boxes):
+    assert 0 <= top < bottom <= 32 and 0 <= left < right <= 32
+    # An 8x8 square centered on a pixel (its corner 4 up and left),
+    # clipped by the image's borders.
+    assert bottom - top == min(bottom, 32 - top, 8)
+    assert right - left == min(right, 32 - left, 8)
+    inside = np.zeros((32, 32), bool)
+    inside[top:bottom, left:right] = True
+    assert np.all(cut[inside] == 0)
+    np.testing.assert_array_equal(cut[~inside], image[~inside])
+  assert len({tuple(b) for b in boxes}) > 32  # Drawn per image.
+  with pytest.raises(ValueError, match="cutout needs augment"):
+    data_lib.make_train_dataset(data, global_batch_size=8, seed=1,
+                                num_epochs=1, cutout=8)
 
 
 # The validation split -------------------------------------------------------

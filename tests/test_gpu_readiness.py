@@ -245,11 +245,13 @@ def _train_and_evaluate(strategy, data, *, in_pipeline):
   train = iter(strategy.distribute_datasets_from_function(
       lambda context: data_lib.make_train_dataset(
           data, global_batch_size=8, seed=2, num_epochs=3, augment=True,
-          input_context=context, preprocess_in_pipeline=in_pipeline)))
+          cutout=6, input_context=context,
+          preprocess_in_pipeline=in_pipeline)))
   element = next(iter(strategy.distribute_datasets_from_function(
       lambda context: data_lib.make_train_dataset(
           data, global_batch_size=8, seed=2, num_epochs=1, augment=True,
-          input_context=context, preprocess_in_pipeline=in_pipeline))))
+          cutout=6, input_context=context,
+          preprocess_in_pipeline=in_pipeline))))
   out = runner.train_steps(train, tf.constant(6))
   result = runner.evaluate(strategy.distribute_datasets_from_function(
       lambda context: data_lib.make_eval_dataset(
@@ -262,18 +264,20 @@ def _train_and_evaluate(strategy, data, *, in_pipeline):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["one_device", "mirrored_2"])
 def test_preprocessing_in_the_step_trains_exactly_as_in_the_pipeline(kind):
-  """What GPUs get: uint8 pixels (and the drawn crops and flips) cross to
-  the device and the step preprocesses them; on the logical CPUs, forced,
-  it gives bitwise the same steps, weights and evaluation."""
+  """What GPUs get: uint8 pixels (and the drawn crops, flips and cutout
+  boxes) cross to the device and the step preprocesses them; on the logical
+  CPUs, forced, it gives bitwise the same steps, weights and evaluation."""
   strategy = _cpu_strategies()[kind]
   data = data_lib.make_synthetic(num_train=24, num_test=11, seed=4)
   on_host = _train_and_evaluate(strategy, data, in_pipeline=True)
   on_device = _train_and_evaluate(strategy, data, in_pipeline=False)
   # What crosses: uint8 pixels, a quarter of the bytes, with the draws.
-  pixels, _, offsets, flips = on_device[0]
+  pixels, _, offsets, flips, boxes = on_device[0]
   assert strategy.experimental_local_results(pixels)[0].dtype == tf.uint8
   assert strategy.experimental_local_results(offsets)[0].shape == (
       8 // strategy.num_replicas_in_sync, 2)
+  assert strategy.experimental_local_results(boxes)[0].shape == (
+      8 // strategy.num_replicas_in_sync, 4)
   assert strategy.experimental_local_results(on_host[0][0])[0].dtype == (
       tf.float32)
   np.testing.assert_array_equal(on_device[1], on_host[1])

@@ -54,6 +54,7 @@ REFUSED = {
     "optimizer": (["--optimizer=sgd"], "optimizer 'adam' -> 'sgd'"),
     "schedule": (["--lr_schedule=cosine"], "lr_schedule 'constant' -> 'cosine'"),
     "augment": (["--augment"], "augment False -> True"),
+    "cutout": (["--augment", "--cutout=8"], "cutout 0 -> 8"),
     "keep_short_batch": (["--keep_short_batch"],
                          "keep_short_batch False -> True"),
     "label_smoothing": (["--label_smoothing=0.1"],

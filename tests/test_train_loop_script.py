@@ -133,7 +133,7 @@ def test_every_flag_default_is_the_config_default():
     assert (tuple(default) if isinstance(default, list) else default
             ) == value, name
     compared += 1
-  assert compared == 43
+  assert compared == 44
 
 
 def test_flags_after_the_flagfile_override_it(tmp_path):
@@ -225,6 +225,11 @@ BAD_FLAGS = [
     ("unknown_optimizer", ["--optimizer=lamb"], "optimizer"),
     ("warmup_longer_than_run", ["--warmup_steps=48"],
      "--warmup_steps=48 must be less than the run's 48 steps"),
+    ("cutout_without_augment", ["--cutout=8"],
+     "cutout is part of the training augmentation: it needs augment "
+     "(--augment)"),
+    ("negative_cutout", ["--augment", "--cutout=-1"],
+     "cutout must be >= 0, got -1"),
     ("zero_decay_rate", ["--lr_decay_rate=0"],
      "flag --lr_decay_rate=0.0: lr_decay_rate must be in (0, 1]"),
     ("bad_profile_steps", ["--profile_steps=9"],
