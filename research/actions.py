@@ -132,7 +132,7 @@ def run_actions(config: TrainConfig, *, state: TrainingState,
       EvalImageReporter(
           summaries=summaries, model=state.model,
           evaluation_weights=state.evaluation_weights,
-          flip_average=config.model.flip_average,
+          test_time_augmentation=config.model.test_time_augmentation,
           class_names=data.class_names,
           sample_images={
               name: tuple(array[:reporting.eval_images]

@@ -96,6 +96,8 @@ class ModelConfig:
     flip_average: Predict with the mean of the logits of each image and its
       left-right mirror (test-time augmentation), in every evaluation and
       in the export (``model.inference_logits``); training is unchanged.
+    shift_average: As ``flip_average``, also over the image translated by
+      this many pixels up, down, left and right (0: not).
   """
   name: str = "convnet"
   l2: float = 0.0
@@ -103,22 +105,32 @@ class ModelConfig:
   resnet_depth: int = 20
   sync_batch_norm: bool | None = None
   flip_average: bool = False
+  shift_average: int = 0
 
   def __post_init__(self):
-    _at_least(self, 0, "l2", "dropout")
+    _at_least(self, 0, "l2", "dropout", "shift_average")
     if self.dropout >= 1:
       raise ValueError(f"dropout must be < 1, got {self.dropout}")
     if not options.is_resnet_depth(self.resnet_depth):
       raise ValueError(f"resnet_depth must be {options.RESNET_DEPTH_RULE}, "
                        f"got {self.resnet_depth}")
 
-  def with_flip_average(self, flip_average: bool | None) -> ModelConfig:
+  def with_test_time_augmentation(self, *, flip_average: bool | None = None,
+                                  shift_average: int | None = None
+                                  ) -> ModelConfig:
     """This model predicting with (True) or without (False) flip
-    averaging; None: as it is (how ``evaluate.py`` and ``export.py``
-    override a run's choice)."""
-    if flip_average is None:
-      return self
-    return dataclasses.replace(self, flip_average=flip_average)
+    averaging and with another ``shift_average``; None: as it is (how
+    ``evaluate.py`` and ``export.py`` override a run's choice)."""
+    changes = {name: value for name, value in (
+        ("flip_average", flip_average), ("shift_average", shift_average))
+               if value is not None}
+    return dataclasses.replace(self, **changes)
+
+  @property
+  def test_time_augmentation(self) -> dict[str, Any]:
+    """``model.inference_logits``' keyword arguments for this model."""
+    return {"flip_average": self.flip_average,
+            "shift_average": self.shift_average}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -69,13 +69,17 @@ class RunEvaluator:
     total_steps: The run's last global step (its final checkpoint's).
   """
 
-  def __init__(self, model_dir: str, *, flip_average: bool | None = None):
+  def __init__(self, model_dir: str, *, flip_average: bool | None = None,
+               shift_average: int | None = None):
     """Reads the run's configuration and data and builds its model.
 
     Args:
       model_dir: The run's directory.
       flip_average: Evaluate with (True) or without (False) test-time flip
         averaging instead of as the run does (None).
+      shift_average: Evaluate with this test-time shift averaging
+        (``ModelConfig.shift_average``; 0: none) instead of as the run does
+        (None).
 
     Raises:
       UserError: for a directory that is no run (no or a damaged
@@ -94,7 +98,8 @@ class RunEvaluator:
       raise UserError(f"{CONFIG_FILE} in {model_dir} holds no valid "
                       f"configuration ({e})") from None
     config = dataclasses.replace(
-        config, model=config.model.with_flip_average(flip_average))
+        config, model=config.model.with_test_time_augmentation(
+            flip_average=flip_average, shift_average=shift_average))
     self.model_dir = model_dir
     self.config = config
     self.data = data_lib.split_validation(
@@ -153,10 +158,11 @@ class RunEvaluator:
 
   def summarize(self, evaluated: dict[str, Any]) -> dict[str, Any]:
     """``evaluate``'s result as JSON: ``{"checkpoint", "step",
-    "flip_average", "evaluations": {set:
+    "flip_average", "shift_average", "evaluations": {set:
     reporting.evaluation_summary(...)}}``."""
     return {"checkpoint": evaluated["checkpoint"], "step": evaluated["step"],
             "flip_average": self.config.model.flip_average,
+            "shift_average": self.config.model.shift_average,
             "evaluations": {
                 name: evaluation_summary(result, self.data.class_names)
                 for name, result in evaluated["results"].items()}}
@@ -174,7 +180,8 @@ class RunEvaluator:
 
 def evaluate_run(model_dir: str, *, checkpoint: str = "latest",
                  eval_sets: Sequence[str] | None = None,
-                 flip_average: bool | None = None) -> dict[str, Any]:
+                 flip_average: bool | None = None,
+                 shift_average: int | None = None) -> dict[str, Any]:
   """Evaluates a checkpoint of a training run on the default strategy.
 
   Args:
@@ -182,6 +189,8 @@ def evaluate_run(model_dir: str, *, checkpoint: str = "latest",
     checkpoint: ``latest``, ``best`` or a checkpoint path prefix.
     eval_sets: Sets to evaluate (default: every set the run has).
     flip_average: Override the run's test-time flip averaging (None: as
+      the run evaluates).
+    shift_average: Override the run's test-time shift averaging (None: as
       the run evaluates).
 
   Returns:
@@ -191,7 +200,8 @@ def evaluate_run(model_dir: str, *, checkpoint: str = "latest",
     UserError: for a directory that is no run, a missing or damaged
       checkpoint, or a set the run does not have.
   """
-  evaluator = RunEvaluator(model_dir, flip_average=flip_average)
+  evaluator = RunEvaluator(model_dir, flip_average=flip_average,
+                           shift_average=shift_average)
   path = resolve_checkpoint(model_dir, checkpoint)
   sets = evaluator.sets(eval_sets)
   return evaluator.summarize(evaluator.evaluate(path, sets))

@@ -65,15 +65,16 @@ def _fresh_float32_copy(model: tf.keras.Model, model_config: ModelConfig,
 
 
 def _archive(model: tf.keras.Model, class_names: Sequence[str],
-             image_shape: Sequence[int], flip_average: bool
+             image_shape: Sequence[int], model_config: ModelConfig
              ) -> tf.keras.export.ExportArchive:
   """The export's signatures and class names, ready to be written."""
 
   def serve(images):
-    # The evaluation's own logits: inference mode, and the flip average if
-    # the model was evaluated with it.
-    logits = model_lib.inference_logits(model, data_lib.to_float(images),
-                                        flip_average=flip_average)
+    # The evaluation's own logits: inference mode, and the test-time
+    # averages the model was evaluated with.
+    logits = model_lib.inference_logits(
+        model, data_lib.to_float(images),
+        **model_config.test_time_augmentation)
     probabilities = tf.nn.softmax(logits, axis=-1)
     return {"probabilities": probabilities,
             "top_class": tf.argmax(probabilities, axis=-1,
@@ -130,7 +131,7 @@ def export_saved_model(model: tf.keras.Model, export_dir: str, *,
   """
   archive = _archive(
       _fresh_float32_copy(model, model_config, class_names, image_shape),
-      class_names, image_shape, model_config.flip_average)
+      class_names, image_shape, model_config)
   recover_interrupted_export(export_dir)
   tmp = _sibling(export_dir, "tmp")
   try:

@@ -161,31 +161,49 @@ def build(model: tf.keras.Model, input_shape=IMAGE_SHAPE) -> tf.keras.Model:
 
 
 def inference_logits(model: tf.keras.Model, images, *,
-                     flip_average: bool = False,
+                     flip_average: bool = False, shift_average: int = 0,
                      dtype: tf.DType = tf.float32) -> tf.Tensor:
   """The logits every evaluation and the export use.
 
   The model runs in inference mode (``training=False``: batch norm on its
-  moving statistics, dropout off). With ``flip_average`` the logits are the
-  mean of those of each image and of its left-right mirror (test-time
-  augmentation); both halves go through the model as one batch.
+  moving statistics, dropout off). Test-time augmentation averages the
+  logits over views of each image: with ``shift_average`` the image and its
+  four translations by that many pixels (up, down, left, right; the pixels
+  moved in are zero, as in the training crops' padding), with
+  ``flip_average`` each of those and its left-right mirror. All views go
+  through the model as one batch.
 
   Args:
     model: A model returning logits.
     images: Float model input ``[N, H, W, C]``.
     flip_average: Average over each image and its mirror.
+    shift_average: Translation in pixels of the four shifted views (0:
+      none).
     dtype: The logits' type (the mean is taken in it, not in a bfloat16 or
       float16 compute type).
 
   Returns:
     ``[N, classes]`` logits of type ``dtype``.
   """
-  if not flip_average:
+  views = [images]
+  if shift_average:
+    views += [_translated(images, rows, columns, shift_average)
+              for rows, columns in ((-1, 0), (1, 0), (0, -1), (0, 1))]
+  if flip_average:
+    views += [tf.reverse(view, axis=[2]) for view in views]
+  if len(views) == 1:
     return tf.cast(model(images, training=False), dtype)
-  both = tf.cast(model(tf.concat([images, tf.reverse(images, axis=[2])], 0),
-                       training=False), dtype)
-  plain, mirrored = tf.split(both, 2)
-  return (plain + mirrored) / 2
+  logits = tf.cast(model(tf.concat(views, 0), training=False), dtype)
+  return tf.add_n(tf.split(logits, len(views))) / len(views)
+
+
+def _translated(images, rows: int, columns: int, pixels: int) -> tf.Tensor:
+  """``images`` moved by ``pixels`` times ``(rows, columns)`` (down and
+  right for positive values), zero where nothing moved in."""
+  padded = tf.pad(images, [[0, 0], [pixels, pixels], [pixels, pixels],
+                           [0, 0]])
+  return tf.slice(padded, [0, pixels - rows * pixels,
+                           pixels - columns * pixels, 0], tf.shape(images))
 
 
 def state_variables(model: tf.keras.Model) -> list[tf.Variable]:

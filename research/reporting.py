@@ -220,7 +220,8 @@ class EvalImageReporter(Action):
                class_names: Sequence[str],
                sample_images: dict[str, tuple[np.ndarray, np.ndarray]],
                evaluation_weights: Callable[[], ContextManager] =
-               contextlib.nullcontext, flip_average: bool = False):
+               contextlib.nullcontext,
+               test_time_augmentation: dict[str, Any] | None = None):
     """Args:
       summaries: Where summaries go.
       model: The trained model.
@@ -230,15 +231,15 @@ class EvalImageReporter(Action):
         grid).
       evaluation_weights: Within it, the model holds the weights that were
         evaluated (``TrainingState.evaluation_weights``).
-      flip_average: Predict as the evaluation did
-        (``model.inference_logits``).
+      test_time_augmentation: Predict as the evaluation did
+        (``StepRunner``'s argument of that name).
     """
     self.summaries = summaries
     self.model = model
     self.evaluation_weights = evaluation_weights
     self.class_names = list(class_names)
     self.sample_images = sample_images
-    self.flip_average = flip_average
+    self.test_time_augmentation = dict(test_time_augmentation or {})
 
   def after_evaluation(self, evaluation: Evaluation) -> None:
     if not self.summaries.enabled:
@@ -253,7 +254,7 @@ class EvalImageReporter(Action):
         with self.evaluation_weights():
           logits = model_lib.inference_logits(
               self.model, data_lib.to_float(pixels),
-              flip_average=self.flip_average)
+              **self.test_time_augmentation)
         predictions = np.argmax(np.asarray(logits), axis=-1)
         images["predictions"] = figures.prediction_grid(
             pixels, labels, predictions, self.class_names)

@@ -33,7 +33,8 @@ REFUSED = (
     "resnet_depth", "sync_batch_norm", "mixed_precision", "optimizer",
     "weight_decay", "momentum", "nesterov", "lr_schedule", "warmup_steps",
     "lr_decay_rate", "lr_decay_steps", "label_smoothing", "clip_grad_norm",
-    "validation_size", "best_metric", "ema_decay", "flip_average")
+    "validation_size", "best_metric", "ema_decay", "flip_average",
+    "shift_average")
 
 
 def data_facts(data: data_lib.ArrayData) -> dict[str, Any]:

@@ -51,7 +51,7 @@ class StepRunner:
                jit_compile: bool = False, nan_policy: str = "stop",
                label_smoothing: float = 0.0, clip_grad_norm: float = 0.0,
                keep_last_gradients: bool = False,
-               flip_average: bool = False):
+               test_time_augmentation: dict | None = None):
     """Builds the step functions (they trace on first call).
 
     Args:
@@ -75,8 +75,10 @@ class StepRunner:
         scaled down to at most this L2 norm before the update.
       keep_last_gradients: Return each call's last applied gradient (for
         histograms); off, no extra copy of the gradients stays alive.
-      flip_average: Evaluate with test-time flip averaging
-        (``model.inference_logits``).
+      test_time_augmentation: How evaluation averages over views of each
+        image: ``model.inference_logits``' ``flip_average`` and
+        ``shift_average`` (``ModelConfig.test_time_augmentation``); None:
+        no averaging.
 
     Raises:
       ValueError: if ``global_batch_size`` is not positive or not divisible by
@@ -111,7 +113,7 @@ class StepRunner:
     self.label_smoothing = label_smoothing
     self.clip_grad_norm = clip_grad_norm
     self.keep_last_gradients = keep_last_gradients
-    self.flip_average = flip_average
+    self.test_time_augmentation = dict(test_time_augmentation or {})
     # The logits' width: the last trainable variable is the output bias.
     self.num_classes = int(getattr(model, "num_classes", 0) or
                            model.trainable_variables[-1].shape[-1])
@@ -232,8 +234,8 @@ class StepRunner:
     # (data.make_eval_dataset), which then counts nowhere.
     images = _model_input(images, ())
     logits = model_lib.inference_logits(self.model, images,
-                                        flip_average=self.flip_average,
-                                        dtype=self.loss_dtype)
+                                        dtype=self.loss_dtype,
+                                        **self.test_time_augmentation)
     loss_sum = tf.reduce_sum(self.loss_fn(labels, logits) *
                              tf.cast(weights, self.loss_dtype))
     predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)

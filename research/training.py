@@ -153,7 +153,8 @@ def build_training(*, strategy: tf.distribute.Strategy,
         label_smoothing=step_config.label_smoothing,
         clip_grad_norm=step_config.clip_grad_norm,
         keep_last_gradients=keep_last_gradients,
-        flip_average=model_config.flip_average, **(runner_args or {}))
+        test_time_augmentation=model_config.test_time_augmentation,
+        **(runner_args or {}))
   # Plain (not mirrored) variables: only the host reads and writes them.
   global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
                             name="global_step")

@@ -52,6 +52,10 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                     "Evaluate with (or, --noflip_average, without) test-time "
                     "flip averaging (default: as the run does).",
                     flag_values=fv)
+  flags.DEFINE_integer("shift_average", None,
+                       "Evaluate with test-time shift averaging by this many "
+                       "pixels (0: none; default: as the run does).",
+                       lower_bound=0, flag_values=fv)
   flags.DEFINE_bool("continuous", False,
                     "Sidecar: evaluate each new checkpoint of the run as it "
                     "appears, until its final one.", flag_values=fv)
@@ -77,9 +81,10 @@ def run(fv: flags.FlagValues, args: list[str]) -> None:
   if fv.continuous and fv["checkpoint"].present:
     cli.exit_with_error("--continuous evaluates every checkpoint of the run; "
                         "drop --checkpoint, or --continuous")
-  if fv.continuous and fv.flip_average is not None:
-    cli.exit_with_error("--continuous evaluates as the run does; drop "
-                        "--flip_average, or --continuous")
+  for name in ("flip_average", "shift_average"):
+    if fv.continuous and fv[name].value is not None:
+      cli.exit_with_error(f"--continuous evaluates as the run does; drop "
+                          f"--{name}, or --continuous")
   try:
     if fv.continuous:
       records = evaluation.evaluate_continuously(
@@ -91,13 +96,17 @@ def run(fv: flags.FlagValues, args: list[str]) -> None:
       return
     results = evaluation.evaluate_run(fv.model_dir, checkpoint=fv.checkpoint,
                                       eval_sets=fv.eval_sets,
-                                      flip_average=fv.flip_average)
+                                      flip_average=fv.flip_average,
+                                      shift_average=fv.shift_average)
     if fv.json_out:
       write_json(fv.json_out, results)
   except UserError as e:
     cli.exit_with_error(str(e), status=e.exit_status)
+  averages = [f"{results['shift_average']}-pixel shift averaging"
+              ] if results["shift_average"] else []
+  averages += ["flip averaging"] if results["flip_average"] else []
   print(f"checkpoint {results['checkpoint']} (step {results['step']})"
-        f"{' with flip averaging' if results['flip_average'] else ''}")
+        f"{' with ' + ' and '.join(averages) if averages else ''}")
   for name, result in results["evaluations"].items():
     print(f"{name}: accuracy {result['accuracy']:.4f} "
           f"({result['correct']}/{result['count']}) loss "

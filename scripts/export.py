@@ -44,6 +44,10 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                     "Serve with (or, --noflip_average, without) test-time "
                     "flip averaging (default: as the run evaluates).",
                     flag_values=fv)
+  flags.DEFINE_integer("shift_average", None,
+                       "Serve with test-time shift averaging by this many "
+                       "pixels (0: none; default: as the run evaluates).",
+                       lower_bound=0, flag_values=fv)
   flags.mark_flag_as_required("model_dir", flag_values=fv)
 
 
@@ -71,8 +75,10 @@ def run(fv: flags.FlagValues, args: list[str]) -> None:
     export_dir = export_lib.export_saved_model(
         model, export_dir, class_names=spec["class_names"],
         image_shape=spec["image_shape"],
-        model_config=export_lib.model_config_of(spec).with_flip_average(
-            fv.flip_average))
+        model_config=export_lib.model_config_of(
+            spec).with_test_time_augmentation(
+                flip_average=fv.flip_average,
+                shift_average=fv.shift_average))
   except UserError as e:
     cli.exit_with_error(str(e), status=e.exit_status)
   print(f"exported {path} to {export_dir}")

@@ -104,6 +104,11 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                     "Test-time augmentation: evaluate and export the mean of "
                     "the logits of each image and its left-right mirror.",
                     flag_values=fv)
+  flags.DEFINE_integer("shift_average", 0,
+                       "Test-time augmentation: also average over each image "
+                       "moved this many pixels up, down, left and right "
+                       "(zeros moved in, as in the training crops; 0: not).",
+                       lower_bound=0, flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of initialization, data order and "
                        "augmentation.", flag_values=fv)
   flags.DEFINE_integer("steps_per_loop", 100,

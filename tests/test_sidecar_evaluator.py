@@ -143,10 +143,11 @@ def test_a_sidecar_with_no_run_to_wait_for_stops_with_one_line(tmp_path):
                         "--continuous", "--checkpoint=best")
   assert proc.returncode == 2
   assert "drop --checkpoint" in proc.stderr.strip().splitlines()[-1]
-  proc = run_in_process("evaluate.py", f"--model_dir={tmp_path}",
-                        "--continuous", "--flip_average")
-  assert proc.returncode == 2
-  assert "drop --flip_average" in proc.stderr.strip().splitlines()[-1]
+  for averaging in ("flip_average", "shift_average"):
+    proc = run_in_process("evaluate.py", f"--model_dir={tmp_path}",
+                          "--continuous", f"--{averaging}=1")
+    assert proc.returncode == 2
+    assert f"drop --{averaging}" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_the_export_serves_the_averaged_weights(finished_run):
@@ -214,6 +215,73 @@ def test_flip_averaging_in_evaluation_and_in_the_export(finished_run,
                              tf.nn.softmax(plain).numpy(), rtol=1e-5,
                              atol=1e-6)
   assert np.abs(plain_served.numpy() - served).max() > 1e-4
+
+
+def _views(images, shift):
+  """The ten views shift averaging with flips takes, built in NumPy: the
+  image and its translations by ``shift`` pixels, zero-filled, and the
+  mirror of each."""
+  padded = np.pad(images, [(0, 0), (shift, shift), (shift, shift), (0, 0)])
+  height, width = images.shape[1:3]
+  views = [images]
+  for rows, columns in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+    top, left = shift - rows * shift, shift - columns * shift
+    views.append(padded[:, top:top + height, left:left + width])
+  return views + [view[:, :, ::-1] for view in views]
+
+
+def test_shift_averaging_translates_with_zeros_moved_in():
+  # A "model" whose logits are its input pixels shows the views exactly.
+  images = np.random.default_rng(0).uniform(
+      size=(3, 5, 6, 2)).astype(np.float32)
+  pixels = tf.keras.Sequential([tf.keras.Input((5, 6, 2)),
+                                tf.keras.layers.Flatten()])
+  views = _views(images, 2)
+  assert views[2][0, 2, 3, 0] == images[0, 0, 3, 0]  # Down: row 0 -> 2.
+  assert (views[2][:, :2] == 0).all()
+  expected = np.mean([view.reshape(3, -1) for view in views], axis=0)
+  averaged = model_lib.inference_logits(pixels, images, flip_average=True,
+                                        shift_average=2).numpy()
+  np.testing.assert_allclose(averaged, expected, rtol=1e-6)
+  shifted_only = model_lib.inference_logits(pixels, images, shift_average=2)
+  np.testing.assert_allclose(
+      shifted_only.numpy(),
+      np.mean([view.reshape(3, -1) for view in views[:5]], axis=0),
+      rtol=1e-6)
+
+
+def test_shift_averaging_in_evaluation_and_in_the_export(finished_run,
+                                                        tmp_path):
+  run, _ = finished_run
+  data = data_lib.make_synthetic(num_train=128, num_test=32, seed=4)
+  model, _, _ = export_lib.load_model_from_run(str(run))
+  images, labels = data.test_images, data.test_labels
+  averaged = np.mean([model(data_lib.to_float(view)).numpy()
+                      for view in _views(images, 1)], axis=0)
+  # evaluate.py's override (the run evaluated with flips alone).
+  proc = run_in_process("evaluate.py", f"--model_dir={run}",
+                        "--eval_sets=test", "--shift_average=1",
+                        f"--json_out={tmp_path / 'shifted.json'}")
+  assert proc.returncode == 0, proc.stderr
+  assert "with 1-pixel shift averaging and flip averaging" in proc.stdout
+  results = json.loads((tmp_path / "shifted.json").read_text())
+  assert results["shift_average"] == 1 and results["flip_average"]
+  result = results["evaluations"]["test"]
+  assert result["correct"] == int((averaged.argmax(1) == labels).sum())
+  nll = -tf.nn.log_softmax(averaged).numpy()[np.arange(len(labels)), labels]
+  np.testing.assert_allclose(result["nll"], nll.mean(), rtol=1e-5)
+  unshifted = evaluation.evaluate_run(str(run), eval_sets=["test"])
+  assert unshifted["shift_average"] == 0
+  assert abs(unshifted["evaluations"]["test"]["nll"] - result["nll"]) > 1e-4
+  # export.py serves the same average.
+  proc = run_in_process("export.py", f"--model_dir={run}",
+                        f"--export_dir={tmp_path / 'shifted'}",
+                        "--shift_average=1")
+  assert proc.returncode == 0, proc.stderr
+  served = tf.saved_model.load(str(tmp_path / "shifted")).signatures[
+      "serving_default"](images=tf.constant(images))["probabilities"]
+  np.testing.assert_allclose(served.numpy(), tf.nn.softmax(averaged).numpy(),
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_noeval_in_loop_trains_without_evaluating(tmp_path):

@@ -113,6 +113,8 @@ def test_every_config_is_a_valid_run_and_holds_out_validation(flagfile):
     assert config.loop.eval_sets == ()  # Time: the final evaluation only.
     assert config.model.flip_average
     assert config.step.mixed_precision == "mixed_bfloat16"
+  if flagfile == "cifar10_resnet20.flags":  # Views chosen on validation.
+    assert config.model.flip_average and config.model.shift_average == 1
 
 
 def test_every_flag_default_is_the_config_default():
@@ -133,7 +135,7 @@ def test_every_flag_default_is_the_config_default():
     assert (tuple(default) if isinstance(default, list) else default
             ) == value, name
     compared += 1
-  assert compared == 44
+  assert compared == 45
 
 
 def test_flags_after_the_flagfile_override_it(tmp_path):
