@@ -93,6 +93,9 @@ class ModelConfig:
     sync_batch_norm: Batch-norm statistics over the global batch (all
       replicas); None: when there is more than one replica
       (``model.resolve_sync_batch_norm``).
+    fused_batch_norm: Batch norm trains on TensorFlow's fused kernel where
+      its statistics are not synchronized (``layers.FusedBatchNormalization``:
+      the same math, faster, other float rounding).
     flip_average: Predict with the mean of the logits of each image and its
       left-right mirror (test-time augmentation), in every evaluation and
       in the export (``model.inference_logits``); training is unchanged.
@@ -104,6 +107,7 @@ class ModelConfig:
   dropout: float = 0.0
   resnet_depth: int = 20
   sync_batch_norm: bool | None = None
+  fused_batch_norm: bool = False
   flip_average: bool = False
   shift_average: int = 0
 

@@ -350,7 +350,8 @@ def _resnet(config: ModelConfig, *, num_classes: int, image_shape, dtype):
   return resnet.ResNet(
       config.resnet_depth, num_classes=num_classes, l2=config.l2,
       dropout=config.dropout,
-      sync_batch_norm=resolve_sync_batch_norm(config, replicas), dtype=dtype)
+      sync_batch_norm=resolve_sync_batch_norm(config, replicas),
+      fused_batch_norm=config.fused_batch_norm, dtype=dtype)
 
 
 register_model("convnet", _convnet, sequential=_convnet_sequential)

@@ -40,14 +40,16 @@ def blocks_per_stage(depth: int) -> int:
 class _ConvBN(tf.keras.layers.Layer):
   """3x3 convolution (no bias: batch norm's beta is the bias) + batch norm."""
 
-  def __init__(self, filters, strides, *, regularizer, synchronized, dtype,
-               name):
+  def __init__(self, filters, strides, *, regularizer, synchronized, fused,
+               dtype, name):
     super().__init__(dtype=dtype, name=name)
     self.conv = tf.keras.layers.Conv2D(
         filters, 3, strides, padding="same", use_bias=False,
         kernel_initializer="he_normal", kernel_regularizer=regularizer,
         dtype=dtype, name="conv")
-    self.bn = tf.keras.layers.BatchNormalization(
+    batch_norm = (layers.FusedBatchNormalization if fused else
+                  tf.keras.layers.BatchNormalization)
+    self.bn = batch_norm(
         momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=synchronized,
         dtype=dtype, name="bn")
 
@@ -58,13 +60,13 @@ class _ConvBN(tf.keras.layers.Layer):
 class BasicBlock(tf.keras.layers.Layer):
   """relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), option A shortcut."""
 
-  def __init__(self, filters, strides, *, regularizer, synchronized, dtype,
-               name):
+  def __init__(self, filters, strides, *, regularizer, synchronized, fused,
+               dtype, name):
     super().__init__(dtype=dtype, name=name)
     self.filters = filters
     self.strides = strides
     kwargs = dict(regularizer=regularizer, synchronized=synchronized,
-                  dtype=dtype)
+                  fused=fused, dtype=dtype)
     self.first = _ConvBN(filters, strides, name="first", **kwargs)
     self.second = _ConvBN(filters, 1, name="second", **kwargs)
 
@@ -86,8 +88,8 @@ class ResNet(tf.keras.Model):
 
   def __init__(self, depth: int = 20, *, num_classes: int = 10,
                l2: float = 0.0, dropout: float = 0.0,
-               sync_batch_norm: bool = False, dtype: str | None = None,
-               name: str | None = None):
+               sync_batch_norm: bool = False, fused_batch_norm: bool = False,
+               dtype: str | None = None, name: str | None = None):
     """Creates the layers.
 
     Args:
@@ -100,6 +102,8 @@ class ResNet(tf.keras.Model):
       sync_batch_norm: Batch statistics over the global batch (all
         replicas, one all-reduce per statistic) instead of each replica's
         share of it.
+      fused_batch_norm: Batch norm trains on TensorFlow's fused kernel
+        where it is not synchronized (``layers.FusedBatchNormalization``).
       dtype: Keras dtype policy; under a mixed policy the classifier stays
         float32 (batch norm computes in float32 under any policy).
       name: Keras model name (default ``resnet<depth>``).
@@ -117,7 +121,7 @@ class ResNet(tf.keras.Model):
     self.depth = depth
     regularizer = tf.keras.regularizers.L2(l2) if l2 else None
     kwargs = dict(regularizer=regularizer, synchronized=sync_batch_norm,
-                  dtype=dtype)
+                  fused=fused_batch_norm, dtype=dtype)
     self.stem = _ConvBN(STAGE_FILTERS[0], 1, name="stem", **kwargs)
     blocks = [
         BasicBlock(filters, 2 if stage and not i else 1,

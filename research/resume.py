@@ -29,8 +29,8 @@ METRICS_FILE = "metrics.json"
 REFUSED = (
     "dataset", "data_dir", "synthetic_train_size", "synthetic_test_size",
     "resize_images", "augment", "cutout", "seed", "global_batch_size",
-    "keep_short_batch", "model", "l2", "dropout",
-    "resnet_depth", "sync_batch_norm", "mixed_precision", "optimizer",
+    "keep_short_batch", "model", "l2", "dropout", "resnet_depth",
+    "sync_batch_norm", "fused_batch_norm", "mixed_precision", "optimizer",
     "weight_decay", "momentum", "nesterov", "lr_schedule", "warmup_steps",
     "lr_decay_rate", "lr_decay_steps", "label_smoothing", "clip_grad_norm",
     "validation_size", "best_metric", "ema_decay", "flip_average",

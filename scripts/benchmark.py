@@ -65,6 +65,10 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                     "Keras dtype policies to time, among "
                     f"{','.join(options.PRECISIONS)} (mixed_float16 only "
                     "pays on a GPU).", flag_values=fv)
+  flags.DEFINE_bool("compare_fused_batch_norm", False,
+                    "Also time the loop with --fused_batch_norm toggled "
+                    "(batch norm on TensorFlow's fused kernel, or not), "
+                    "alternated with the other contenders.", flag_values=fv)
   cli.define_json_out(fv, "Also write every window here (JSON).")
 
 
@@ -159,6 +163,14 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
             steps_per_execution=steps_per_call, jit_compile=jit,
             precision=precision, model_config=model_config, **shapes).run,
     }
+    if fv.compare_fused_batch_norm:
+      contenders["loop_other_batch_norm"] = benchmarking.LoopContender(
+          real, global_batch_size=batch, steps_per_loop=steps_per_call,
+          jit_compile=jit, precision=precision,
+          model_config=dataclasses.replace(
+              model_config,
+              fused_batch_norm=not model_config.fused_batch_norm),
+          **shapes).run
     seconds = benchmarking.time_alternating(
         contenders, steps=window_steps, windows=fv.windows)
     rates = {name: [window_steps * batch / s for s in secs]
@@ -213,6 +225,16 @@ def _markdown(results, flops) -> str:
         f"| {m['loop'] / m['fit_matched']:.2f} "
         f"| {m['loop'] / m['loop_synthetic']:.2f} "
         f"| {gflops:.0f} ({gflops / ceiling:.2f}) |")
+  if all("loop_other_batch_norm" in r["median"] for r in results):
+    lines += ["", "| precision | batch | XLA | loop ex/s | loop, the other "
+              "batch norm, ex/s | other ÷ loop |", "| --- " * 6 + "|"]
+    for r in results:
+      m = r["median"]
+      lines.append(
+          f"| {r['precision']} | {r['batch_size']} "
+          f"| {'on' if r['jit_compile'] else 'off'} | {m['loop']:,.0f} "
+          f"| {m['loop_other_batch_norm']:,.0f} "
+          f"| {m['loop_other_batch_norm'] / m['loop']:.2f} |")
   return "\n".join(lines)
 
 

@@ -83,7 +83,8 @@ def define_data_flags(fv: flags.FlagValues, *, default_dataset: str,
 
 def define_model_flags(fv: flags.FlagValues, *, l2_help: str) -> None:
   """Defines the model's flags on ``fv``: --model, --l2, --dropout,
-  --resnet_depth and --[no]sync_batch_norm (``config.ModelConfig``)."""
+  --resnet_depth, --[no]sync_batch_norm and --fused_batch_norm
+  (``config.ModelConfig``)."""
   flags.DEFINE_string("model", "convnet",
                       "A registered model (built in: convnet, resnet).",
                       flag_values=fv)
@@ -105,6 +106,11 @@ def define_model_flags(fv: flags.FlagValues, *, l2_help: str) -> None:
                     "over the replicas (--nosync_batch_norm: each replica's "
                     "own share). Default: on with more than one replica.",
                     flag_values=fv)
+  flags.DEFINE_bool("fused_batch_norm", False,
+                    "Batch norm trains on TensorFlow's fused kernel (the same "
+                    "math, other float rounding; 1.6-2x faster ResNet-20 "
+                    "steps on a CPU) where its statistics are not "
+                    "synchronized over replicas.", flag_values=fv)
 
 
 def _nearest_existing(path: str) -> str:

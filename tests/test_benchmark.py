@@ -49,7 +49,7 @@ def test_benchmark_script_reports_every_contender(tmp_path):
                         "--xla_batch_sizes=", "--windows=1",
                         "--window_examples=80",
                         "--matmul_size=256", "--precisions=mixed_bfloat16",
-                        f"--json_out={out}")
+                        "--compare_fused_batch_norm", f"--json_out={out}")
   assert proc.returncode == 0, proc.stderr
   report = json.loads(out.read_text())
   forward = {  # As for the ConvNet on 32x32 (above), on 24x24, 3 classes.
@@ -67,10 +67,12 @@ def test_benchmark_script_reports_every_contender(tmp_path):
   assert row["batch_size"] == 8 and row["window_steps"] == 10
   assert row["precision"] == "mixed_bfloat16"
   assert set(row["examples_per_second"]) == {
-      "loop", "loop_synthetic", "fit_default", "fit_matched"}
+      "loop", "loop_synthetic", "fit_default", "fit_matched",
+      "loop_other_batch_norm"}
   assert all(len(v) == 1 and min(v) > 0
              for v in row["examples_per_second"].values())
   assert "| mixed_bfloat16 | 8 | off |" in proc.stdout
+  assert "| loop, the other batch norm, ex/s | other ÷ loop |" in proc.stdout
 
 
 @pytest.mark.parametrize("flag, message", [

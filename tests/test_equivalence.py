@@ -47,9 +47,11 @@ CASES = {
         "model": {**RESNET, "l2": 0.001}, "keep_short_batch": True,
         "optimizer": {"name": "sgd", "learning_rate": 0.05, "nesterov": True,
                       "lr_schedule": "cosine", "warmup_steps": 3}}),
-    # Dropout, in bfloat16 (batch norm computing in float32).
+    # Dropout, in bfloat16, batch norm on the fused kernel (the case above
+    # on Keras' own).
     "resnet_dropout_bf16": (DATA_RESNET, {
-        "model": {**RESNET, "dropout": 0.3}, "dtype": "mixed_bfloat16"}),
+        "model": {**RESNET, "dropout": 0.3, "fused_batch_norm": True},
+        "dtype": "mixed_bfloat16"}),
 }
 # The verifier's own command lines.
 SCRIPT_RUNS = {
@@ -113,7 +115,8 @@ def test_a_resnet_with_regularization_and_a_short_batch_matches_fit(reports):
 
 
 def test_a_resnet_with_dropout_in_bfloat16_is_bitwise_fit(reports):
-  """Every loss, weight, moving statistic and dropout random state."""
+  """Every loss, weight, moving statistic and dropout random state, with
+  batch norm on the fused kernel."""
   report = reports["resnet_dropout_bf16"]
   assert report["mode"] == "one_device" and report["steps"] == 10
   assert report["compared"] == {"trainable": 23, "non_trainable": 14,

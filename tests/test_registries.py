@@ -104,7 +104,8 @@ def test_a_registered_model_and_source_train_resume_and_export(tmp_path,
   with open(tmp_path / "whole" / "config.json") as f:
     assert json.load(f)["model"] == {
         "name": "tiny_mlp", "l2": 0.0, "dropout": 0.0, "resnet_depth": 20,
-        "sync_batch_norm": None, "flip_average": False, "shift_average": 0}
+        "sync_batch_norm": None, "fused_batch_norm": False,
+        "flip_average": False, "shift_average": 0}
   loaded = tf.saved_model.load(str(tmp_path / "whole" / "export"))
   probabilities = loaded.signatures["serving_default"](
       images=tf.constant(data.test_images))["probabilities"].numpy()

@@ -18,7 +18,8 @@ from research import model as model_lib
 from research import resnet
 from research.config import ModelConfig, OptimizerConfig, StepConfig
 from research.errors import UserError
-from research.layers import ReplicaDropout, rng_states
+from research.layers import FusedBatchNormalization, ReplicaDropout
+from research.layers import rng_states
 from research.training import build_training
 
 DEVICES = [d.name for d in tf.config.list_logical_devices("CPU")]
@@ -139,6 +140,70 @@ def test_sync_batch_norm_defaults_to_on_with_several_replicas():
                            num_classes=3, image_shape=(8, 8, 3))
   assert not model_lib.batch_norms(alone, synchronized=True)
   assert len(model_lib.batch_norms(alone, synchronized=False)) == 7
+
+
+def _training_pass(layer, images):
+  """A training pass of ``layer`` (given gamma and beta): its output, the
+  gradients of a cubic loss by input, gamma and beta, and the moving
+  statistics after it, all as float64 NumPy."""
+  layer.build(images.shape)
+  layer.gamma.assign(tf.random.stateless_normal([images.shape[-1]], [3, 4]))
+  layer.beta.assign(tf.random.stateless_normal([images.shape[-1]], [5, 6]))
+  with tf.GradientTape() as tape:
+    tape.watch(images)
+    outputs = layer(images, training=True)
+    loss = tf.reduce_sum(tf.cast(outputs, tf.float32) ** 3)
+  grads = tape.gradient(loss, [images, layer.gamma, layer.beta])
+  return [np.asarray(t, np.float64) for t in (
+      outputs, *grads, layer.moving_mean, layer.moving_variance)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+def test_fused_batch_norm_is_keras_batch_norm_up_to_rounding(dtype):
+  """The same math (biased variance, moving averages with the momentum):
+  output, every gradient and both moving statistics agree to float
+  rounding; in inference mode it is Keras' own pass, bitwise."""
+  images = tf.random.stateless_normal([8, 5, 5, 6], [1, 2]) * 3 + 1
+  settings = dict(momentum=resnet.BN_MOMENTUM, epsilon=resnet.BN_EPSILON,
+                  dtype=dtype)
+  keras_bn = tf.keras.layers.BatchNormalization(**settings)
+  fused_bn = FusedBatchNormalization(**settings)
+  for name, a, b in zip(["outputs", "d_inputs", "d_gamma", "d_beta",
+                         "moving_mean", "moving_variance"],
+                        _training_pass(keras_bn, images),
+                        _training_pass(fused_bn, images)):
+    np.testing.assert_allclose(b, a, rtol=2e-6, atol=2e-6 * np.abs(a).max(),
+                               err_msg=name)
+  # The statistics moved: 10% of the way from (0, 1) to the batch's.
+  assert np.abs(fused_bn.moving_mean.numpy()).max() > 0.05
+  np.testing.assert_array_equal(fused_bn(images, training=False),
+                                keras_bn(images, training=False))
+
+
+def test_fused_batch_norm_runs_the_fused_kernel_only_where_it_applies():
+  config = ModelConfig(name="resnet", resnet_depth=8, fused_batch_norm=True)
+  fused = model_lib.create(config, num_classes=3, image_shape=(8, 8, 3))
+  plain = model_lib.create(ModelConfig(name="resnet", resnet_depth=8),
+                           num_classes=3, image_shape=(8, 8, 3))
+  # The same variables under the same names: checkpoints fit either.
+  assert [w.path for w in fused.weights] == [w.path for w in plain.weights]
+  assert len([layer for layer in fused._flatten_layers()
+              if isinstance(layer, FusedBatchNormalization)]) == 7
+
+  def op_types(net, training):
+    graph = tf.function(lambda x: net(x, training=training)
+                        ).get_concrete_function(
+                            tf.TensorSpec([2, 8, 8, 3])).graph
+    return {op.type for op in graph.get_operations()}
+  assert "FusedBatchNormV3" in op_types(fused, True)
+  assert "FusedBatchNormV3" not in op_types(fused, False)
+  assert "FusedBatchNormV3" not in op_types(plain, True)
+  # Statistics synchronized over replicas need Keras' pass (an all-reduce
+  # between the moments and the transform).
+  with distribute.mirrored_strategy(DEVICES[:2]).scope():
+    synced = model_lib.create(config, num_classes=3, image_shape=(8, 8, 3))
+  assert len(model_lib.batch_norms(synced, synchronized=True)) == 7
+  assert "FusedBatchNormV3" not in op_types(synced, True)
 
 
 def _masks(layer, strategy, calls):

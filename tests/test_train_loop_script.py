@@ -115,6 +115,7 @@ def test_every_config_is_a_valid_run_and_holds_out_validation(flagfile):
     assert config.step.mixed_precision == "mixed_bfloat16"
   if flagfile == "cifar10_resnet20.flags":  # Views chosen on validation.
     assert config.model.flip_average and config.model.shift_average == 1
+    assert config.model.fused_batch_norm
 
 
 def test_every_flag_default_is_the_config_default():
@@ -135,7 +136,7 @@ def test_every_flag_default_is_the_config_default():
     assert (tuple(default) if isinstance(default, list) else default
             ) == value, name
     compared += 1
-  assert compared == 45
+  assert compared == 46
 
 
 def test_flags_after_the_flagfile_override_it(tmp_path):
