@@ -144,16 +144,16 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
     window_steps = max(steps_per_call,
                        window_steps // steps_per_call * steps_per_call)
     real = benchmarking.real_pipeline(data, batch)
+
+    def loop(dataset, config):
+      return benchmarking.LoopContender(
+          dataset, global_batch_size=batch, steps_per_loop=steps_per_call,
+          jit_compile=jit, precision=precision, model_config=config,
+          **shapes).run
     contenders = {
-        "loop": benchmarking.LoopContender(
-            real, global_batch_size=batch, steps_per_loop=steps_per_call,
-            jit_compile=jit, precision=precision,
-            model_config=model_config, **shapes).run,
-        "loop_synthetic": benchmarking.LoopContender(
-            benchmarking.synthetic_in_memory(batch, **shapes),
-            global_batch_size=batch,
-            steps_per_loop=steps_per_call, jit_compile=jit,
-            precision=precision, model_config=model_config, **shapes).run,
+        "loop": loop(real, model_config),
+        "loop_synthetic": loop(
+            benchmarking.synthetic_in_memory(batch, **shapes), model_config),
         "fit_default": benchmarking.FitContender(
             benchmarking.real_pipeline(data, batch), steps_per_execution=1,
             jit_compile="auto", precision=precision,
@@ -164,13 +164,8 @@ def run(fv: flags.FlagValues, argv: list[str]) -> None:
             precision=precision, model_config=model_config, **shapes).run,
     }
     if fv.compare_fused_batch_norm:
-      contenders["loop_other_batch_norm"] = benchmarking.LoopContender(
-          real, global_batch_size=batch, steps_per_loop=steps_per_call,
-          jit_compile=jit, precision=precision,
-          model_config=dataclasses.replace(
-              model_config,
-              fused_batch_norm=not model_config.fused_batch_norm),
-          **shapes).run
+      contenders["loop_other_batch_norm"] = loop(real, dataclasses.replace(
+          model_config, fused_batch_norm=not model_config.fused_batch_norm))
     seconds = benchmarking.time_alternating(
         contenders, steps=window_steps, windows=fv.windows)
     rates = {name: [window_steps * batch / s for s in secs]

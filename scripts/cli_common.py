@@ -108,9 +108,10 @@ def define_model_flags(fv: flags.FlagValues, *, l2_help: str) -> None:
                     flag_values=fv)
   flags.DEFINE_bool("fused_batch_norm", False,
                     "Batch norm trains on TensorFlow's fused kernel (the same "
-                    "math, other float rounding; 1.6-2x faster ResNet-20 "
-                    "steps on a CPU) where its statistics are not "
-                    "synchronized over replicas.", flag_values=fv)
+                    "math, other float rounding; ResNet-20 steps 1.4x as "
+                    "fast in float32 and 1.9x in bfloat16 on a CPU) where "
+                    "its statistics are not synchronized over replicas.",
+                    flag_values=fv)
 
 
 def _nearest_existing(path: str) -> str:
