@@ -30,6 +30,7 @@ from research import optim
 from research.options import NAN_POLICIES
 
 _SUM = tf.distribute.ReduceOp.SUM
+_UNCONVERTED = tf.autograph.experimental.do_not_convert
 
 
 class StepRunner:
@@ -149,6 +150,11 @@ class StepRunner:
     self.eval_steps = tf.function(self._eval_steps)
 
   # Replica context: these run once per replica, under strategy.run. ------
+  # Their Python branches are on settings, never on tensors: autograph need
+  # not convert them (nor, then, anything they call). Converting re-parses
+  # each function's source in every process: about 0.9 s of the 9 s of CPU a
+  # smoke run takes. Only the multi-step functions below need it (their
+  # loops and conditions are on tensors).
 
   def _step_batch_size(self, labels):
     if not self.keep_short_batch:
@@ -189,6 +195,7 @@ class StepRunner:
       loss += tf.nn.scale_regularization_loss(self._regularization())
     return loss
 
+  @_UNCONVERTED
   def _replica_gradients_step(self, images, labels, global_batch_size,
                               augmentation=()):
     images = _model_input(images, augmentation)
@@ -200,6 +207,7 @@ class StepRunner:
     gradients = tape.gradient(scaled_loss, self.model.trainable_variables)
     return loss, gradients, _num_correct(logits, labels)
 
+  @_UNCONVERTED
   def _replica_forward_backward(self, images, labels, *augmentation):
     # The training-mode forward pass moves batch norm's statistics before
     # anyone knows whether the step will be applied: keep the old values to
@@ -225,10 +233,12 @@ class StepRunner:
                                             use_norm=norm)
     return totals, gradients, norm, previous_statistics
 
+  @_UNCONVERTED
   def _replica_restore_statistics(self, previous_statistics):
     for variable, value in zip(self._forward_statistics, previous_statistics):
       variable.assign(value)
 
+  @_UNCONVERTED
   def _replica_eval_step(self, images, labels, weights):
     # weights: 1 for a real example, 0 for the padding of the last batch
     # (data.make_eval_dataset), which then counts nowhere.
@@ -249,10 +259,12 @@ class StepRunner:
     return {"loss_sum": loss_sum, "confusion": confusion,
             "brier_sum": brier_sum, "bins": bins}
 
+  @_UNCONVERTED
   def _replica_evaluate(self, images, labels, weights):
     return tf.distribute.get_replica_context().all_reduce(
         _SUM, self._replica_eval(images, labels, weights))
 
+  @_UNCONVERTED
   def _replica_apply_step(self, gradients):
     if self._loss_scaling:
       # The LossScaleOptimizer unscales again (and skips overflowing steps).
