@@ -29,6 +29,7 @@ replica per step, in round-robin order, as
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 import pickle
@@ -719,15 +720,22 @@ def _read_image(path: str, max_image_pixels: int
   return contents, (height, width)
 
 
-def _decode_chunk(paths: list[str], contents: list[bytes],
-                  target: tuple[int, int], resize: bool) -> np.ndarray:
-  """Decodes encoded images (already read and checked) in parallel."""
+@functools.lru_cache(maxsize=None)
+def _image_decoder(target: tuple[int, int], resize: bool) -> Callable:
+  """One encoded image -> (uint8 ``[*target, 3]``, its decoded size, whether
+  that size is ``target`` or it was resized to it).
 
+  One per size and mode: a ``tf.function`` traced once per process, not once
+  per chunk or folder read.
+  """
+
+  @tf.function(input_signature=[tf.TensorSpec([], tf.string)],
+               autograph=False)
   def decode(encoded):
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     size = tf.shape(image)[:2]
     if resize:
-      return resize_uint8(image, target), size, True
+      return resize_uint8(image, target), size, tf.constant(True)
     ok = tf.reduce_all(tf.equal(size, target))
     # A wrong-sized image is replaced by zeros so batching works; the flag
     # reports it below, so nothing wrong is ever used silently.
@@ -735,8 +743,15 @@ def _decode_chunk(paths: list[str], contents: list[bytes],
                     lambda: tf.zeros(target + (3,), tf.uint8))
     return image, size, ok
 
+  return decode
+
+
+def _decode_chunk(paths: list[str], contents: list[bytes],
+                  target: tuple[int, int], resize: bool) -> np.ndarray:
+  """Decodes encoded images (already read and checked) in parallel."""
   ds = (tf.data.Dataset.from_tensor_slices(tf.constant(contents, tf.string))
-        .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .map(_image_decoder(tuple(target), resize),
+             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .batch(len(contents)))
   try:
     images, sizes, oks = (t.numpy() for t in next(iter(ds)))

@@ -90,6 +90,17 @@ def test_image_folder(tmp_path):
   np.testing.assert_array_equal(data.test_images[4 + 1], png.numpy())
 
 
+def test_image_folders_of_one_size_share_one_traced_decoder(tmp_path):
+  # 23x23: a size no other test decodes, so its decoder starts untraced.
+  for name in ("a", "b"):
+    write_image_folder(str(tmp_path / name), size=23)
+    data = data_lib.load_image_folder(str(tmp_path / name))
+    assert data.train_images.shape[1:] == (23, 23, 3)
+  decoder = data_lib._image_decoder((23, 23), False)
+  # Four reads (two folders, two splits), one trace.
+  assert decoder.experimental_get_tracing_count() == 1
+
+
 def test_image_folder_refuses_bad_images(tmp_path):
   write_image_folder(str(tmp_path))
   bad = tmp_path / "train" / "dog" / "broken.jpg"
