@@ -21,9 +21,11 @@ from research.run_lock import LOCK_FILE
 # With an EMA of the weights: resume must restore it too, and evaluation
 # (of the averages) must continue bitwise. The test set each epoch (not
 # the config's small validation set): an evaluation long enough to be
-# killed in.
+# killed in. No export: these tests read checkpoints, curves and exit
+# statuses (exports and kills: test_interrupted_writes.py), and an export is
+# a second of CPU a run.
 SMOKE = ["--flagfile=configs/smoke.flags", "--deterministic",
-         "--ema_decay=0.9", "--eval_sets=test"]
+         "--ema_decay=0.9", "--eval_sets=test", "--noexport"]
 TRAIN_STEPS = [8, 16, 24, 32, 40, 48]
 EVAL_STEPS = [16, 32, 48]
 
