@@ -39,7 +39,7 @@ train: install
 smoke: install
 	$(PY) scripts/train_loop.py --flagfile=configs/smoke.flags $(ARGS)
 
-# The whole suite (what CI runs): about 6 minutes on 2 cores, over the 5 we
+# The whole suite (what CI runs): 6-8 minutes on 2 cores on 2026-12-01, over the 5 we
 # hold it to (README, "Tests").
 test: install
 	$(PYTEST) tests
