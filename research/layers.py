@@ -1,5 +1,6 @@
 """Layers the registered models share: dropout that is right under a strategy,
-and batch norm on TensorFlow's fused kernel.
+synchronized batch norm with one all-reduce, and batch norm on TensorFlow's
+fused kernel.
 
 Keras 3's ``Dropout`` draws its masks from a ``SeedGenerator`` whose state (an
 int64 ``[seed, counter]`` variable) has two gaps for a training loop:
@@ -75,7 +76,42 @@ class ReplicaDropout(tf.keras.layers.Layer):
     return {**super().get_config(), "rate": self.rate}
 
 
-class FusedBatchNormalization(tf.keras.layers.BatchNormalization):
+class BatchNormalization(tf.keras.layers.BatchNormalization):
+  """Keras' ``BatchNormalization`` whose synchronized statistics cost one
+  all-reduce a training pass instead of three.
+
+  Keras 3 all-reduces the sum, the sum of squares and the count of a
+  synchronized layer one by one (``_compute_moments_sync``), and the
+  gradient again one by one: six collectives a layer and step, 114 for
+  ResNet-20, each a rendezvous of every replica (a network round trip
+  between hosts). Here the three travel stacked in one tensor, so a layer
+  costs one collective forward and one backward. The sums, and so the
+  batch statistics, are Keras' to the bit (the same reductions, summed
+  element by element); only the gradient's float rounding can differ.
+  Per-replica statistics, a mask and the cross-replica context are Keras'
+  own path. Its variables and checkpoint names are Keras'.
+  """
+
+  def _moments(self, inputs, mask):
+    context = tf.distribute.get_replica_context()
+    if not self.synchronized or mask is not None or context is None:
+      return super()._moments(inputs, mask)
+    axes = self._reduction_axes
+    total = tf.reduce_sum(inputs, axis=axes)
+    count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(inputs), axes)),
+                    inputs.dtype)
+    local = tf.stack([total, tf.reduce_sum(tf.square(inputs), axis=axes),
+                      tf.fill(tf.shape(total), count)])
+    total, total_of_squares, count = tf.unstack(
+        context.all_reduce(tf.distribute.ReduceOp.SUM, local))
+    mean = tf.math.divide_no_nan(total, count)
+    # var = E(x^2) - E(x)^2, as Keras computes it.
+    variance = tf.maximum(
+        tf.math.divide_no_nan(total_of_squares, count) - tf.square(mean), 0.0)
+    return mean, variance
+
+
+class FusedBatchNormalization(BatchNormalization):
   """Keras' ``BatchNormalization`` whose training-mode pass runs TensorFlow's
   fused kernel (``FusedBatchNormV3``, oneDNN's on CPUs, cuDNN's on GPUs).
 
@@ -88,11 +124,12 @@ class FusedBatchNormalization(tf.keras.layers.BatchNormalization):
   them with the layer's momentum (the kernel's variance output is
   Bessel-corrected, so it is scaled back). Only float rounding differs.
 
-  Falls back to Keras' own pass where the kernel does not apply: inference
-  (the moving statistics), ``synchronized`` statistics (they need an
-  all-reduce between the moments and the transform), float64, a mask, or
-  anything but 4-D input normalized over its last axis. Its variables and
-  their checkpoint names are ``BatchNormalization``'s.
+  Falls back to ``BatchNormalization``'s pass where the kernel does not
+  apply: inference (the moving statistics), ``synchronized`` statistics
+  (they need an all-reduce between the moments and the transform),
+  float64, a mask, or anything but 4-D input normalized over its last
+  axis. Its variables and their checkpoint names are
+  ``BatchNormalization``'s.
   """
 
   def call(self, inputs, training=None, mask=None):

@@ -48,7 +48,7 @@ class _ConvBN(tf.keras.layers.Layer):
         kernel_initializer="he_normal", kernel_regularizer=regularizer,
         dtype=dtype, name="conv")
     batch_norm = (layers.FusedBatchNormalization if fused else
-                  tf.keras.layers.BatchNormalization)
+                  layers.BatchNormalization)
     self.bn = batch_norm(
         momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=synchronized,
         dtype=dtype, name="bn")
@@ -100,8 +100,8 @@ class ResNet(tf.keras.Model):
       dropout: Dropout rate before the classifier (0: no dropout layer);
         each replica draws its own masks (``layers.ReplicaDropout``).
       sync_batch_norm: Batch statistics over the global batch (all
-        replicas, one all-reduce per statistic) instead of each replica's
-        share of it.
+        replicas, one all-reduce a layer: ``layers.BatchNormalization``)
+        instead of each replica's share of it.
       fused_batch_norm: Batch norm trains on TensorFlow's fused kernel
         where it is not synchronized (``layers.FusedBatchNormalization``).
       dtype: Keras dtype policy; under a mixed policy the classifier stays

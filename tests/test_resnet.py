@@ -18,7 +18,8 @@ from research import model as model_lib
 from research import resnet
 from research.config import ModelConfig, OptimizerConfig, StepConfig
 from research.errors import UserError
-from research.layers import FusedBatchNormalization, ReplicaDropout
+from research.layers import (BatchNormalization, FusedBatchNormalization,
+                             ReplicaDropout)
 from research.layers import rng_states
 from research.training import build_training
 
@@ -124,6 +125,63 @@ def test_synchronized_batch_norm_sees_the_global_batch():
   stem_mean = per_replica[0]
   assert not np.allclose(stem_mean[0], stem_mean[1])
   assert not np.allclose(stem_mean[0], one_device[0][0])
+
+
+def _synchronized_pass(layer_class, monkeypatch):
+  """One float64 training pass of a synchronized ``layer_class`` on 2
+  replicas, each its half of a batch: the all-reduces the traced pass
+  asked for, and its outputs, the gradients of a cubic loss by input, gamma
+  and beta (every replica's, concatenated) and the moving statistics."""
+  from tensorflow.python.distribute import distribute_lib
+  all_reduce = distribute_lib.ReplicaContextBase.all_reduce
+  calls = []
+
+  def counted(self, *args, **kwargs):
+    calls.append(args[0])
+    return all_reduce(self, *args, **kwargs)
+  monkeypatch.setattr(distribute_lib.ReplicaContextBase, "all_reduce",
+                      counted)
+  strategy = distribute.mirrored_strategy(DEVICES[:2])
+  images = np.random.default_rng(0).normal(1.0, 3.0, (8, 5, 5, 6))
+  with strategy.scope():
+    layer = layer_class(momentum=resnet.BN_MOMENTUM,
+                        epsilon=resnet.BN_EPSILON, synchronized=True,
+                        dtype="float64")
+    layer.build(images.shape)
+    layer.gamma.assign(
+        tf.random.stateless_normal([6], [3, 4], dtype=tf.float64))
+  batch = next(iter(strategy.experimental_distribute_dataset(
+      tf.data.Dataset.from_tensor_slices(images).batch(8))))
+
+  def replica_pass(x):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      outputs = layer(x, training=True)
+      loss = tf.reduce_sum(outputs ** 3)
+    return [outputs, *tape.gradient(loss, [x, layer.gamma, layer.beta])]
+  results = tf.function(lambda x: strategy.run(replica_pass, (x,)))(batch)
+  return len(calls), [
+      np.concatenate([np.asarray(v) for v in
+                      strategy.experimental_local_results(t)])
+      for t in results] + [layer.moving_mean.numpy(),
+                           layer.moving_variance.numpy()]
+
+
+def test_synchronized_batch_norm_is_keras_with_one_all_reduce_a_pass(
+    monkeypatch):
+  """Keras all-reduces the sum, the sum of squares and the count one by
+  one (and two of them again for the gradient); ours stacks them: one
+  all-reduce forward and one backward for each replica, with Keras'
+  outputs, gradients and moving statistics to the bit."""
+  keras_calls, keras_values = _synchronized_pass(
+      tf.keras.layers.BatchNormalization, monkeypatch)
+  calls, values = _synchronized_pass(BatchNormalization, monkeypatch)
+  assert keras_calls == 2 * 5 and calls == 2 * 2
+  for name, a, b in zip(["outputs", "d_inputs", "d_gamma", "d_beta",
+                         "moving_mean", "moving_variance"],
+                        keras_values, values):
+    np.testing.assert_array_equal(b, a, err_msg=name)
+  assert np.abs(values[4]).max() > 0.05  # The statistics moved.
 
 
 def test_sync_batch_norm_defaults_to_on_with_several_replicas():
