@@ -84,8 +84,8 @@ class BatchNormalization(tf.keras.layers.BatchNormalization):
   synchronized layer one by one (``_compute_moments_sync``), and the
   gradients of the two sums again one by one: five collectives a layer and
   step, 95 for ResNet-20, each a rendezvous of every replica (a network
-  round trip between hosts). Here the three travel stacked in one tensor, so a layer
-  costs one collective forward and one backward. The sums, and so the
+  round trip between hosts). Here the three travel stacked in one tensor,
+  so a layer costs one collective forward and one backward. The sums, and so the
   batch statistics, are Keras' to the bit (the same reductions, summed
   element by element); only the gradient's float rounding can differ.
   Per-replica statistics, a mask and the cross-replica context are Keras'

@@ -127,20 +127,13 @@ def test_synchronized_batch_norm_sees_the_global_batch():
   assert not np.allclose(stem_mean[0], one_device[0][0])
 
 
-def _synchronized_pass(layer_class, monkeypatch):
+def _synchronized_pass(layer_class, all_reduces):
   """One float64 training pass of a synchronized ``layer_class`` on 2
-  replicas, each its half of a batch: the all-reduces the traced pass
-  asked for, and its outputs, the gradients of a cubic loss by input, gamma
-  and beta (every replica's, concatenated) and the moving statistics."""
-  from tensorflow.python.distribute import distribute_lib
-  all_reduce = distribute_lib.ReplicaContextBase.all_reduce
-  calls = []
-
-  def counted(self, *args, **kwargs):
-    calls.append(args[0])
-    return all_reduce(self, *args, **kwargs)
-  monkeypatch.setattr(distribute_lib.ReplicaContextBase, "all_reduce",
-                      counted)
+  replicas, each its half of a batch: the number of all-reduces the traced
+  pass asked for (the growth of ``all_reduces``), and its outputs, the
+  gradients of a cubic loss by input, gamma and beta (every replica's,
+  concatenated) and the moving statistics."""
+  before = len(all_reduces)
   strategy = distribute.mirrored_strategy(DEVICES[:2])
   images = np.random.default_rng(0).normal(1.0, 3.0, (8, 5, 5, 6))
   with strategy.scope():
@@ -160,7 +153,7 @@ def _synchronized_pass(layer_class, monkeypatch):
       loss = tf.reduce_sum(outputs ** 3)
     return [outputs, *tape.gradient(loss, [x, layer.gamma, layer.beta])]
   results = tf.function(lambda x: strategy.run(replica_pass, (x,)))(batch)
-  return len(calls), [
+  return len(all_reduces) - before, [
       np.concatenate([np.asarray(v) for v in
                       strategy.experimental_local_results(t)])
       for t in results] + [layer.moving_mean.numpy(),
@@ -173,9 +166,18 @@ def test_synchronized_batch_norm_is_keras_with_one_all_reduce_a_pass(
   one (and two of them again for the gradient); ours stacks them: one
   all-reduce forward and one backward for each replica, with Keras'
   outputs, gradients and moving statistics to the bit."""
+  from tensorflow.python.distribute import distribute_lib
+  all_reduce = distribute_lib.ReplicaContextBase.all_reduce
+  all_reduces = []
+
+  def counted(self, *args, **kwargs):
+    all_reduces.append(args[0])
+    return all_reduce(self, *args, **kwargs)
+  monkeypatch.setattr(distribute_lib.ReplicaContextBase, "all_reduce",
+                      counted)
   keras_calls, keras_values = _synchronized_pass(
-      tf.keras.layers.BatchNormalization, monkeypatch)
-  calls, values = _synchronized_pass(BatchNormalization, monkeypatch)
+      tf.keras.layers.BatchNormalization, all_reduces)
+  calls, values = _synchronized_pass(BatchNormalization, all_reduces)
   assert keras_calls == 2 * 5 and calls == 2 * 2
   for name, a, b in zip(["outputs", "d_inputs", "d_gamma", "d_beta",
                          "moving_mean", "moving_variance"],
