@@ -34,6 +34,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "scripts")
 sys.path.insert(0, REPO)
 sys.path.insert(0, SCRIPTS)
+# --cpu-report=FILE: each test's CPU seconds (tests/cpu_report.py).
+pytest_plugins = ["cpu_report"]
 # tests/equivalence_batch.py asks for more when a case needs them.
 IN_PROCESS_CPU_REPLICAS = int(os.environ.get("RESEARCH_TEST_CPU_REPLICAS", 2))
 tf.config.set_logical_device_configuration(
