@@ -54,6 +54,10 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog",
                    "frog", "horse", "ship", "truck")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _CROP_PADDING = 4
+# The pipelines' map functions branch on settings, never on tensors:
+# autograph need not convert them (nor what they call), which would re-parse
+# their source in every process (about 0.4 s of a smoke run's CPU).
+_UNCONVERTED = tf.autograph.experimental.do_not_convert
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1022,7 +1026,9 @@ def _split_for_replicas(ds, global_batch_size, input_context):
   if input_context is None:
     return ds
 
+  @_UNCONVERTED
   def slices(*element):
+    @_UNCONVERTED
     def take(r):
       start = (first + tf.cast(r, tf.int32)) * per_replica
       return tf.nest.map_structure(
@@ -1144,12 +1150,14 @@ def make_train_dataset(data: ArrayData, *, global_batch_size: int, seed: int,
   labels = tf.constant(data.train_labels)
   seed = tf.constant(seed, tf.int64)
 
+  @_UNCONVERTED
   def epoch_batches(epoch):
     order = tf.random.experimental.stateless_shuffle(
         tf.range(n, dtype=tf.int32), seed=tf.stack([seed, epoch]))
     return tf.data.Dataset.from_tensor_slices(order).batch(
         global_batch_size, drop_remainder=drop_remainder)
 
+  @_UNCONVERTED
   def draw_augmentation(step, index):
     size = tf.shape(index)[0]
     step_seed = tf.stack([seed, step])
@@ -1176,6 +1184,7 @@ def make_train_dataset(data: ArrayData, *, global_batch_size: int, seed: int,
     ds = ds.enumerate(start=start_step).map(draw_augmentation)
   ds = _split_for_replicas(ds, global_batch_size, input_context)
 
+  @_UNCONVERTED
   def load(index, *augmentation):
     pixels = tf.gather(images, index)
     if preprocess_in_pipeline:
@@ -1226,11 +1235,12 @@ def make_eval_dataset(data: ArrayData, *, global_batch_size: int,
   size = (eval_steps(count, global_batch_size) * global_batch_size
           if padded else count)
   # Index -1 marks padding (it gathers example 0, weighted 0).
-  ds = tf.data.Dataset.range(size).map(
-      lambda i: tf.where(i < count, tf.cast(i, tf.int32), -1)
+  ds = tf.data.Dataset.range(size).map(_UNCONVERTED(
+      lambda i: tf.where(i < count, tf.cast(i, tf.int32), -1))
   ).batch(global_batch_size)
   ds = _split_for_replicas(ds, global_batch_size, input_context)
 
+  @_UNCONVERTED
   def rows(i):
     real = tf.maximum(i, 0)
     pixels = tf.gather(images, real)
