@@ -146,15 +146,17 @@ class StepRunner:
         else self._replica_apply_step)
     self._replica_eval = tf.function(self._replica_eval_step,
                                      jit_compile=jit_compile)
-    self.train_steps = tf.function(self._train_steps)
-    self.eval_steps = tf.function(self._eval_steps)
+    # Their loops and conditions on tensors are written as tf.while_loop
+    # and tf.cond: nothing here needs autograph.
+    self.train_steps = tf.function(self._train_steps, autograph=False)
+    self.eval_steps = tf.function(self._eval_steps, autograph=False)
 
   # Replica context: these run once per replica, under strategy.run. ------
   # Their Python branches are on settings, never on tensors: autograph need
-  # not convert them (nor, then, anything they call). Converting re-parses
-  # each function's source in every process: about 0.9 s of the 9 s of CPU a
-  # smoke run takes. Only the multi-step functions below need it (their
-  # loops and conditions are on tensors).
+  # not convert them (nor, then, anything they call), here nor where XLA
+  # compiles them as tf.functions of their own. Converting re-parses each
+  # function's source in every process: about 0.9 s of the 9 s of CPU a
+  # smoke run took.
 
   def _step_batch_size(self, labels):
     if not self.keep_short_batch:
@@ -295,19 +297,15 @@ class StepRunner:
       ``nan_policy="stop"`` no step after a non-finite one runs and its
       entries stay 0.
     """
-    losses = tf.TensorArray(self.loss_dtype, size=num_steps, element_shape=())
-    norms = tf.TensorArray(self.loss_dtype, size=num_steps, element_shape=())
-    rates = tf.TensorArray(tf.float32, size=num_steps, element_shape=())
-    correct = tf.constant(0, tf.int64)
-    count = tf.constant(0, tf.int64)
-    skipped = tf.constant(0)
-    nonfinite_step = tf.constant(-1)
-    last_gradients = ([tf.zeros(v.shape, v.dtype)
-                       for v in self.model.trainable_variables]
-                      if self.keep_last_gradients else [])
-    for i in tf.range(num_steps):
-      if self.nan_policy == "stop" and nonfinite_step >= 0:
-        break
+    stop_at_nonfinite = self.nan_policy == "stop"
+
+    def more_steps(i, nonfinite_step, *_):
+      if stop_at_nonfinite:
+        return tf.logical_and(i < num_steps, nonfinite_step < 0)
+      return i < num_steps
+
+    def train_step(i, nonfinite_step, losses, norms, rates, correct, count,
+                   skipped, last_gradients):
       totals, gradients, norm, previous_statistics = self.strategy.run(
           self._replica_forward_backward, args=next(iterator))
       # Every replica holds the same all-reduced values: take the first.
@@ -327,23 +325,39 @@ class StepRunner:
       else:
         good = tf.logical_and(tf.math.is_finite(step_loss),
                               tf.math.is_finite(norm))
+
+      def apply():
+        self.strategy.run(self._replica_apply, args=(gradients,))
+        applied = ([self.strategy.experimental_local_results(g)[0]
+                    for g in gradients] if self.keep_last_gradients
+                   else last_gradients)
+        return skipped, nonfinite_step, applied
+
+      def skip():
+        if self._forward_statistics:
+          self.strategy.run(self._replica_restore_statistics,
+                            args=(previous_statistics,))
+        return (skipped + 1, tf.where(nonfinite_step < 0, i, nonfinite_step),
+                last_gradients)
+
       # The step's one wait on the device: an update with a non-finite
       # value must never be applied. (Applying it and restoring every
       # variable and slot when not finite would not wait, but would copy all
       # of them every step: more than the wait costs on a GPU for any but
       # the smallest models.)
-      if good:
-        self.strategy.run(self._replica_apply, args=(gradients,))
-        if self.keep_last_gradients:
-          last_gradients = [self.strategy.experimental_local_results(g)[0]
-                            for g in gradients]
-      else:
-        if self._forward_statistics:
-          self.strategy.run(self._replica_restore_statistics,
-                            args=(previous_statistics,))
-        skipped += 1
-        if nonfinite_step < 0:
-          nonfinite_step = i
+      skipped, nonfinite_step, last_gradients = tf.cond(good, apply, skip)
+      return (i + 1, nonfinite_step, losses, norms, rates, correct, count,
+              skipped, last_gradients)
+
+    (_, nonfinite_step, losses, norms, rates, correct, count, skipped,
+     last_gradients) = tf.while_loop(more_steps, train_step, (
+         tf.constant(0), tf.constant(-1),
+         tf.TensorArray(self.loss_dtype, size=num_steps, element_shape=()),
+         tf.TensorArray(self.loss_dtype, size=num_steps, element_shape=()),
+         tf.TensorArray(tf.float32, size=num_steps, element_shape=()),
+         tf.constant(0, tf.int64), tf.constant(0, tf.int64), tf.constant(0),
+         [tf.zeros(v.shape, v.dtype) for v in self.model.trainable_variables]
+         if self.keep_last_gradients else []))
     out = {"step_losses": losses.stack(), "step_grad_norms": norms.stack(),
            "step_learning_rates": rates.stack(), "correct": correct,
            "count": count, "skipped": skipped,
@@ -366,12 +380,15 @@ class StepRunner:
             "confusion": tf.zeros([num_classes, num_classes], tf.int64),
             "brier_sum": tf.constant(0.0, tf.float64),
             "bins": tf.zeros([3, calibration.NUM_BINS], tf.float64)}
-    for _ in tf.range(num_steps):
+
+    def eval_step(i, sums):
       step = self.strategy.experimental_local_results(
           self.strategy.run(self._replica_evaluate, args=next(iterator)))[0]
-      sums = {name: total + tf.cast(step[name], total.dtype)
-              for name, total in sums.items()}
-    return sums
+      return i + 1, {name: total + tf.cast(step[name], total.dtype)
+                     for name, total in sums.items()}
+
+    return tf.while_loop(lambda i, _: i < num_steps, eval_step,
+                         (tf.constant(0), sums))[1]
 
   def evaluate(self, dist_dataset, num_steps: int, steps_per_call: int = 100
                ) -> dict:
